@@ -1,0 +1,307 @@
+"""Every database read and write that taskmill makes.
+
+Each function takes the session of the caller's transaction and never commits:
+the caller's ``Database.write()`` block does, so a status change and its
+history row always land together. Writes on behalf of a run carry its
+``RunToken`` and only apply while that run still owns the task, so a run that
+lost its task (suspended at shutdown, recovered elsewhere) cannot overwrite it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Table, and_, select, update
+from sqlalchemy.orm import Session
+
+from taskmill.exceptions import InvalidTransition, TaskNotFound
+from taskmill.models import BackgroundTaskModel, TaskEventModel, utcnow
+from taskmill.status import INITIAL, ControlRequest, TaskStatus, is_allowed
+
+Task = BackgroundTaskModel
+_tasks = cast(Table, BackgroundTaskModel.__table__)
+
+#: Columns that a fresh run starts without.
+RUN_RESET: dict[str, Any] = {
+    "progress": 0.0,
+    "message": None,
+    "checkpoint": None,
+    "result": None,
+    "error": None,
+    "started_at": None,
+    "finished_at": None,
+    "control": None,
+    "owner": None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RunToken:
+    """Identifies one run of a task: the runner that claimed it and the attempt."""
+
+    owner: str
+    attempt: int
+
+
+class RunLost(Exception):
+    """The run no longer owns its task; its writes were not applied."""
+
+
+def create_task(
+    session: Session,
+    *,
+    name: str,
+    params: dict[str, Any],
+    status: TaskStatus = TaskStatus.PENDING,
+    reason: str = "created",
+) -> Task:
+    if status not in INITIAL:
+        raise ValueError(
+            f"A task cannot be created as {status}; use PENDING or PAUSED."
+        )
+    now = utcnow()
+    task = Task(
+        id=str(uuid.uuid4()),
+        name=name,
+        status=status,
+        params=params,
+        progress=0.0,
+        attempts=0,
+        recoveries=0,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(task)
+    session.add(
+        TaskEventModel(
+            task_id=task.id, from_status=None, to_status=status, at=now, reason=reason
+        )
+    )
+    session.flush()
+    return task
+
+
+def get_task(session: Session, task_id: str, *, for_update: bool = False) -> Task:
+    """Return the task with ``task_id``; raise ``TaskNotFound`` if there is none."""
+    statement = select(Task).where(Task.id == task_id)
+    if for_update:
+        statement = statement.with_for_update()
+    task = session.scalars(statement).one_or_none()
+    if task is None:
+        raise TaskNotFound(task_id)
+    return task
+
+
+def list_tasks(
+    session: Session,
+    *,
+    statuses: Sequence[TaskStatus] = (),
+    name: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[Task]:
+    """Return tasks newest first, filtered by status and name."""
+    statement = select(Task)
+    if statuses:
+        statement = statement.where(Task.status.in_(statuses))
+    if name is not None:
+        statement = statement.where(Task.name == name)
+    statement = statement.order_by(Task.created_at.desc(), Task.id.desc())
+    return list(session.scalars(statement.limit(limit).offset(offset)))
+
+
+def list_events(session: Session, task_id: str) -> list[TaskEventModel]:
+    """Return the history of a task, oldest first."""
+    get_task(session, task_id)
+    statement = (
+        select(TaskEventModel)
+        .where(TaskEventModel.task_id == task_id)
+        .order_by(TaskEventModel.id)
+    )
+    return list(session.scalars(statement))
+
+
+def list_unfinished(session: Session) -> list[tuple[str, str, TaskStatus]]:
+    """Return id, name and status of every PENDING, RUNNING or PAUSED task, oldest first."""
+    statement = (
+        select(Task.id, Task.name, Task.status)
+        .where(
+            Task.status.in_([TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.PAUSED])
+        )
+        .order_by(Task.created_at, Task.id)
+    )
+    return [(row.id, row.name, row.status) for row in session.execute(statement)]
+
+
+def change_status(
+    session: Session,
+    task_id: str,
+    to: TaskStatus,
+    *,
+    reason: str,
+    run: RunToken | None = None,
+    values: dict[str, Any] | None = None,
+) -> Task:
+    """Move a task to ``to``, set ``values`` and write the history row.
+
+    Raises ``InvalidTransition`` when the transition table does not allow the
+    move, and ``RunLost`` when ``run`` no longer owns the task.
+    """
+    current = get_task(session, task_id, for_update=True)
+    if run is not None and not _owns(current, run):
+        raise RunLost(task_id)
+    previous = current.status
+    if not is_allowed(previous, to):
+        raise InvalidTransition(task_id, previous, to)
+    now = utcnow()
+    statement = (
+        update(Task)
+        .where(Task.id == task_id)
+        .values(status=to, updated_at=now, **(values or {}))
+        .returning(Task)
+        .execution_options(populate_existing=True)
+    )
+    task = session.scalars(statement).one()
+    session.add(
+        TaskEventModel(
+            task_id=task_id,
+            from_status=previous,
+            to_status=to,
+            at=now,
+            reason=reason,
+        )
+    )
+    session.flush()
+    return task
+
+
+def set_control(session: Session, task_id: str, request: ControlRequest | None) -> Task:
+    """Store (or clear) the pause or stop request of a task."""
+    statement = (
+        update(Task)
+        .where(Task.id == task_id)
+        .values(control=request, updated_at=utcnow())
+        .returning(Task)
+        .execution_options(populate_existing=True)
+    )
+    task = session.scalars(statement).one_or_none()
+    if task is None:
+        raise TaskNotFound(task_id)
+    return task
+
+
+def claim_task(
+    session: Session, task_id: str, owner: str, *, reason: str
+) -> Task | None:
+    """Move a PENDING task to RUNNING for ``owner``; return None if it is not PENDING.
+
+    The claim is one conditional UPDATE, so two runners cannot both win it.
+    """
+    now = utcnow()
+    statement = (
+        update(Task)
+        .where(Task.id == task_id, Task.status == TaskStatus.PENDING)
+        .values(
+            status=TaskStatus.RUNNING,
+            owner=owner,
+            attempts=Task.attempts + 1,
+            started_at=now,
+            finished_at=None,
+            updated_at=now,
+        )
+        .returning(Task)
+        .execution_options(populate_existing=True)
+    )
+    task = session.scalars(statement).one_or_none()
+    if task is None:
+        return None
+    session.add(
+        TaskEventModel(
+            task_id=task_id,
+            from_status=TaskStatus.PENDING,
+            to_status=TaskStatus.RUNNING,
+            at=now,
+            reason=reason,
+        )
+    )
+    session.flush()
+    return task
+
+
+def save_checkpoint(
+    session: Session,
+    task_id: str,
+    run: RunToken,
+    *,
+    checkpoint: Any,
+    progress: float,
+    message: str | None,
+) -> ControlRequest | None:
+    """Store the resumable state and progress of a run; return its pending request.
+
+    Raises ``RunLost`` when the run no longer owns the task.
+    """
+    statement = (
+        update(_tasks)
+        .where(_owned_by(run, task_id))
+        .values(
+            checkpoint=checkpoint,
+            progress=progress,
+            message=message,
+            updated_at=utcnow(),
+        )
+        .returning(_tasks.c.control)
+    )
+    row = session.execute(statement).one_or_none()
+    if row is None:
+        raise RunLost(task_id)
+    control: ControlRequest | None = row.control
+    return control
+
+
+def save_progress(
+    session: Session, updates: Iterable[tuple[str, RunToken, float, str | None]]
+) -> None:
+    """Store the progress of several runs in one statement per run.
+
+    Runs that lost their task are skipped: the next checkpoint tells them.
+    """
+    now = utcnow()
+    for task_id, run, progress, message in updates:
+        session.execute(
+            update(_tasks)
+            .where(_owned_by(run, task_id))
+            .values(progress=progress, message=message, updated_at=now)
+        )
+
+
+def get_controls(
+    session: Session, task_ids: Sequence[str]
+) -> dict[str, ControlRequest]:
+    """Return the pending requests of those tasks that have one."""
+    if not task_ids:
+        return {}
+    statement = select(Task.id, Task.control).where(
+        Task.id.in_(task_ids), Task.control.is_not(None)
+    )
+    return {row.id: row.control for row in session.execute(statement)}
+
+
+def _owns(task: Task, run: RunToken) -> bool:
+    return (
+        task.status == TaskStatus.RUNNING
+        and task.owner == run.owner
+        and task.attempts == run.attempt
+    )
+
+
+def _owned_by(run: RunToken, task_id: str) -> Any:
+    return and_(
+        _tasks.c.id == task_id,
+        _tasks.c.status == TaskStatus.RUNNING.value,
+        _tasks.c.owner == run.owner,
+        _tasks.c.attempts == run.attempt,
+    )

@@ -1,0 +1,89 @@
+"""Engines and sessions, with SQLite set up for a web app.
+
+SQLite runs in WAL mode (readers beside one writer) with a busy timeout.
+Write transactions start with ``BEGIN IMMEDIATE``: one that began as a read
+and later writes fails at once with "database is locked" when another
+connection wrote meanwhile, whatever the busy timeout says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session, sessionmaker
+
+from taskmill.models import Base
+
+DEFAULT_DATABASE_URL = "sqlite:///./taskmill.db"
+
+
+class Database:
+    """An engine and the sessions taskmill opens on it.
+
+    Each ``read()`` or ``write()`` block is one short transaction on its own
+    session, so a session never crosses threads.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_DATABASE_URL,
+        *,
+        busy_timeout: float = 30.0,
+        synchronous: str = "NORMAL",
+        echo: bool = False,
+    ) -> None:
+        self.url = url
+        self.engine = create_engine(url, echo=echo)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        if self.is_sqlite:
+            _configure_sqlite(self.engine, busy_timeout, synchronous)
+        self._reader = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer = sessionmaker(
+            self.engine.execution_options(taskmill_write=True),
+            expire_on_commit=False,
+        )
+
+    def create_schema(self) -> None:
+        """Create the tables and indexes that do not exist yet."""
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._reader() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """Open a write transaction; it commits when the block ends."""
+        with self._writer() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine, busy_timeout: float, synchronous: str) -> None:
+    if synchronous.upper() not in {"NORMAL", "FULL"}:
+        raise ValueError(
+            f"Invalid SQLite synchronous mode {synchronous!r}; use 'NORMAL' or 'FULL'."
+        )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself, so that writes can use IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        is_write = connection.get_execution_options().get("taskmill_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if is_write else "BEGIN")

@@ -1,0 +1,112 @@
+"""Errors raised by taskmill.
+
+    TaskmillError                 root of every error below
+    ├── TaskNotFound              no task with that id         (HTTP 404)
+    ├── UnknownTaskType           no task class by that name   (HTTP 404)
+    ├── TaskTypeAlreadyRegistered a second class under a name
+    ├── InvalidParams             params fail the class's model (HTTP 422)
+    ├── InvalidTransition         the status does not allow it (HTTP 409)
+    └── ManagerNotRunning         used before startup or after shutdown (HTTP 503)
+
+Control flow inside a task (never raised to users, documented here so that
+they are not caught by mistake): ``PauseRequested``, ``StopRequested`` and
+``SuspendRequested`` derive from ``BaseException`` so that task code which
+catches ``Exception`` cannot swallow them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from taskmill.status import Action, TaskStatus, allowed_actions
+
+
+class TaskmillError(Exception):
+    """A taskmill operation failed."""
+
+
+class TaskNotFound(TaskmillError):
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"Task {task_id!r} not found.")
+
+
+class UnknownTaskType(TaskmillError):
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        names = ", ".join(repr(n) for n in self.known) or "none"
+        super().__init__(f"Unknown task type {name!r}. Registered task types: {names}.")
+
+
+class TaskTypeAlreadyRegistered(TaskmillError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"A task type named {name!r} is already registered; "
+            "give the class another `name`."
+        )
+
+
+class InvalidParams(TaskmillError):
+    """Params that the task class's params model rejects."""
+
+    def __init__(self, name: str, errors: Sequence[Mapping[str, Any]]) -> None:
+        self.name = name
+        self.errors = list(errors)
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(params)'}: {e['msg']}"
+            for e in self.errors
+        )
+        super().__init__(f"Invalid params for task type {name!r}: {fields}.")
+
+
+class InvalidTransition(TaskmillError):
+    """A status change or user action that the current status does not allow."""
+
+    def __init__(
+        self,
+        task_id: str,
+        current: TaskStatus,
+        requested: TaskStatus | Action | str,
+        detail: str = "",
+    ) -> None:
+        self.task_id = task_id
+        self.current = current
+        self.requested = requested
+        self.allowed = allowed_actions(current)
+        names = ", ".join(a.value for a in self.allowed) or "none"
+        what = (
+            f"move task {task_id!r} to {requested}"
+            if isinstance(requested, TaskStatus)
+            else f"{requested} task {task_id!r}"
+        )
+        super().__init__(
+            f"Cannot {what}: it is {current.value}{detail}. "
+            f"Actions allowed now: {names}."
+        )
+
+
+class ManagerNotRunning(TaskmillError):
+    def __init__(self, operation: str) -> None:
+        super().__init__(
+            f"Cannot {operation}: the task manager is not running; "
+            "call TaskManager.startup() first (the app's lifespan does this)."
+        )
+
+
+class _ControlSignal(BaseException):
+    """Unwinds a task's hooks at a checkpoint; handled by the runner only."""
+
+
+class PauseRequested(_ControlSignal):
+    pass
+
+
+class StopRequested(_ControlSignal):
+    pass
+
+
+class SuspendRequested(_ControlSignal):
+    """The manager is shutting down; the run goes back to PENDING."""

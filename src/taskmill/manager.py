@@ -1,0 +1,608 @@
+"""``TaskManager``: the registry of task types and live tasks, and their runner."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
+from sqlalchemy.orm import Session
+
+from taskmill import crud
+from taskmill.database import DEFAULT_DATABASE_URL, Database
+from taskmill.exceptions import (
+    InvalidParams,
+    InvalidTransition,
+    TaskTypeAlreadyRegistered,
+    UnknownTaskType,
+)
+from taskmill.models import utcnow
+from taskmill.runner import SUSPEND, LiveTask, Run, error_record
+from taskmill.schemas import TaskEventInfo, TaskInfo
+from taskmill.status import Action, ControlRequest, TaskStatus
+from taskmill.task import BaseTask
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=type[BaseTask[Any]])
+
+
+class TaskManager:
+    """Registers task types, stores tasks, and runs them on this process.
+
+    Parameters
+    ----------
+    database:
+        A ``Database`` or a SQLAlchemy URL; SQLite by default.
+    max_workers:
+        How many tasks run at once. Plain hooks run on threads, ``async``
+        hooks on the manager's own event loop, which runs on its own thread so
+        that a task cannot stall the web server's loop.
+    progress_interval:
+        Seconds between writes of the progress that tasks report.
+    shutdown_grace:
+        Seconds that ``shutdown()`` waits for running tasks to reach a
+        checkpoint before it puts them back to PENDING regardless.
+    """
+
+    def __init__(
+        self,
+        database: Database | str = DEFAULT_DATABASE_URL,
+        *,
+        max_workers: int = 4,
+        progress_interval: float = 0.5,
+        shutdown_grace: float = 10.0,
+    ) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers!r}.")
+        self.database = (
+            database if isinstance(database, Database) else Database(database)
+        )
+        self.max_workers = max_workers
+        self.progress_interval = progress_interval
+        self.shutdown_grace = shutdown_grace
+        #: Identifies this process's runs in the ``owner`` column.
+        self.runner_id = f"runner-{uuid.uuid4().hex[:12]}"
+        self._types: dict[str, type[BaseTask[Any]]] = {}
+        self._live: dict[str, LiveTask] = {}
+        self._queue: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runs: set[asyncio.Task[Any]] = set()
+        self._accepting = False
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- task types --
+
+    def register(self, task_class: T) -> T:
+        """Register a task class under its ``name``; usable as a decorator."""
+        name = task_class.name
+        if self._types.get(name, task_class) is not task_class:
+            raise TaskTypeAlreadyRegistered(name)
+        self._types[name] = task_class
+        return task_class
+
+    @property
+    def task_types(self) -> Mapping[str, type[BaseTask[Any]]]:
+        return dict(self._types)
+
+    def _task_class(self, name: str) -> type[BaseTask[Any]]:
+        try:
+            return self._types[name]
+        except KeyError:
+            raise UnknownTaskType(name, self._types) from None
+
+    # -- manager lifecycle --
+
+    @property
+    def is_running(self) -> bool:
+        return self._accepting
+
+    def startup(self) -> None:
+        """Create the schema, start the runner, and load the unfinished tasks.
+
+        PAUSED tasks stay paused, PENDING ones are queued, and RUNNING ones
+        that a process left behind when it died resume from their checkpoint.
+        """
+        if self._loop is not None:
+            raise RuntimeError("The task manager is already running.")
+        self.database.create_schema()
+        loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=loop.run_forever, name="taskmill-manager", daemon=True
+        )
+        self._loop = loop
+        self._thread.start()
+        self._restore()
+        self._accepting = True
+        loop.call_soon_threadsafe(self._begin)
+        logger.info(
+            "Task manager %s started with %d workers, %d unfinished tasks",
+            self.runner_id,
+            self.max_workers,
+            len(self._live),
+            extra={"event": "manager.started", "runner_id": self.runner_id},
+        )
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Suspend running tasks at their next checkpoint, then stop the runner.
+
+        Waits up to ``grace`` seconds (``shutdown_grace`` by default). A task
+        still running after that goes back to PENDING from its last checkpoint,
+        and its thread is left to end with the process.
+        """
+        loop = self._loop
+        if loop is None:
+            return
+        self._accepting = False
+        grace = self.shutdown_grace if grace is None else grace
+        drain = asyncio.run_coroutine_threadsafe(self._drain(grace), loop)
+        drain.result()
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        loop.close()
+        self._loop = self._thread = None
+        with self._lock:
+            self._live.clear()
+            self._queue.clear()
+        self.database.dispose()
+        logger.info(
+            "Task manager %s stopped",
+            self.runner_id,
+            extra={"event": "manager.stopped", "runner_id": self.runner_id},
+        )
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """Run the manager for the life of a FastAPI app: ``FastAPI(lifespan=...)``."""
+        await asyncio.to_thread(self.startup)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(self.shutdown)
+
+    # -- tasks --
+
+    def create(
+        self,
+        name: str,
+        params: Mapping[str, Any] | BaseModel | None = None,
+        *,
+        start: bool = True,
+    ) -> TaskInfo:
+        """Store a new task and queue it; with ``start=False`` it is held as PAUSED."""
+        task_class = self._task_class(name)
+        stored = _validate_params(task_class, params)
+        status = TaskStatus.PENDING if start else TaskStatus.PAUSED
+        reason = "created" if start else "created held until started"
+        with self.database.write() as session:
+            task = crud.create_task(
+                session, name=name, params=stored, status=status, reason=reason
+            )
+        self._track(task.id, name, queue=start)
+        logger.info(
+            "Task %s (%s) created",
+            task.id,
+            name,
+            extra={"event": "task.created", "task_id": task.id, "task_name": name},
+        )
+        return TaskInfo.model_validate(task)
+
+    def get(self, task_id: str) -> TaskInfo:
+        with self.database.read() as session:
+            return TaskInfo.model_validate(crud.get_task(session, task_id))
+
+    def list(
+        self,
+        *,
+        statuses: Sequence[TaskStatus] = (),
+        name: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> builtins.list[TaskInfo]:
+        """Return tasks newest first."""
+        with self.database.read() as session:
+            tasks = crud.list_tasks(
+                session, statuses=statuses, name=name, limit=limit, offset=offset
+            )
+            return [TaskInfo.model_validate(task) for task in tasks]
+
+    def events(self, task_id: str) -> builtins.list[TaskEventInfo]:
+        """Return the status history of a task, oldest first."""
+        with self.database.read() as session:
+            return [
+                TaskEventInfo.model_validate(e)
+                for e in crud.list_events(session, task_id)
+            ]
+
+    def start(self, task_id: str) -> TaskInfo:
+        """Queue a task that is held or paused; its run resumes from its checkpoint."""
+        return self._resume(task_id, Action.START)
+
+    def resume(self, task_id: str) -> TaskInfo:
+        """Same as ``start()``."""
+        return self._resume(task_id, Action.RESUME)
+
+    def pause(self, task_id: str) -> TaskInfo:
+        """Hold a PENDING task, or ask a RUNNING one to pause at its next checkpoint."""
+        with self.database.write() as session:
+            task = crud.get_task(session, task_id, for_update=True)
+            if task.status == TaskStatus.PENDING:
+                task = crud.change_status(
+                    session, task_id, TaskStatus.PAUSED, reason="paused by request"
+                )
+            elif (
+                task.status == TaskStatus.RUNNING
+                and task.control != ControlRequest.STOP
+            ):
+                task = crud.set_control(session, task_id, ControlRequest.PAUSE)
+            else:
+                _reject(task, Action.PAUSE)
+        if task.status == TaskStatus.RUNNING:
+            self._signal(task_id, ControlRequest.PAUSE)
+        self._log_request(task_id, task.name, Action.PAUSE)
+        return TaskInfo.model_validate(task)
+
+    def stop(self, task_id: str) -> TaskInfo:
+        """End a PENDING or PAUSED task now, or a RUNNING one at its next checkpoint.
+
+        An ``async`` hook is cancelled at once; a plain hook on a thread cannot
+        be, so the task stays RUNNING with the request pending until it reaches
+        a checkpoint or returns.
+        """
+        with self.database.write() as session:
+            task = crud.get_task(session, task_id, for_update=True)
+            if task.status in (TaskStatus.PENDING, TaskStatus.PAUSED):
+                task = crud.change_status(
+                    session,
+                    task_id,
+                    TaskStatus.STOPPED,
+                    reason="stopped by request",
+                    values={
+                        "finished_at": utcnow(),
+                        "control": None,
+                        "checkpoint": None,
+                    },
+                )
+            elif task.status == TaskStatus.RUNNING:
+                task = crud.set_control(session, task_id, ControlRequest.STOP)
+            else:
+                _reject(task, Action.STOP)
+        if task.status == TaskStatus.RUNNING:
+            self._signal(task_id, ControlRequest.STOP)
+        else:
+            self._untrack(task_id)
+        self._log_request(task_id, task.name, Action.STOP)
+        return TaskInfo.model_validate(task)
+
+    def restart(self, task_id: str) -> TaskInfo:
+        """Run a FINISHED, FAILED or STOPPED task again from the start, same id."""
+        with self.database.write() as session:
+            task = crud.get_task(session, task_id, for_update=True)
+            if not task.status.is_terminal:
+                _reject(task, Action.RESTART)
+            task = crud.change_status(
+                session,
+                task_id,
+                TaskStatus.PENDING,
+                reason=f"restarted by request after attempt {task.attempts}",
+                values=crud.RUN_RESET,
+            )
+        self._track(task_id, task.name, queue=True)
+        self._log_request(task_id, task.name, Action.RESTART)
+        return TaskInfo.model_validate(task)
+
+    def act(self, task_id: str, action: Action | str) -> TaskInfo:
+        """Take a user action by name: start, resume, pause, stop or restart."""
+        handlers: dict[Action, Callable[[str], TaskInfo]] = {
+            Action.START: self.start,
+            Action.RESUME: self.resume,
+            Action.PAUSE: self.pause,
+            Action.STOP: self.stop,
+            Action.RESTART: self.restart,
+        }
+        return handlers[Action(action)](task_id)
+
+    def wait(
+        self,
+        task_id: str,
+        statuses: Iterable[TaskStatus] = (
+            TaskStatus.FINISHED,
+            TaskStatus.FAILED,
+            TaskStatus.STOPPED,
+        ),
+        timeout: float = 30.0,
+        poll: float = 0.02,
+    ) -> TaskInfo:
+        """Poll until the task reaches one of ``statuses``; raise TimeoutError after ``timeout``."""
+        wanted = set(statuses)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.get(task_id)
+            if info.status in wanted:
+                return info
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"Task {task_id!r} is still {info.status} after {timeout} s; "
+                    f"expected one of {sorted(wanted)}."
+                )
+            time.sleep(poll)
+
+    def live_task_ids(self) -> set[str]:
+        """Return the ids of the unfinished tasks this process tracks."""
+        with self._lock:
+            return set(self._live)
+
+    def _resume(self, task_id: str, action: Action) -> TaskInfo:
+        with self.database.write() as session:
+            task = crud.get_task(session, task_id, for_update=True)
+            if task.status != TaskStatus.PAUSED:
+                _reject(task, action)
+            reason = (
+                "resumed by request"
+                if action == Action.RESUME
+                else "started by request"
+            )
+            task = crud.change_status(
+                session, task_id, TaskStatus.PENDING, reason=reason
+            )
+        self._track(task_id, task.name, queue=True)
+        self._log_request(task_id, task.name, action)
+        return TaskInfo.model_validate(task)
+
+    def _log_request(self, task_id: str, name: str, action: Action) -> None:
+        logger.info(
+            "Task %s (%s) %s requested",
+            task_id,
+            name,
+            action.value,
+            extra={"event": f"task.{action.value}_requested", "task_id": task_id},
+        )
+
+    # -- the live registry and the queue --
+
+    def _track(self, task_id: str, name: str, *, queue: bool) -> None:
+        with self._lock:
+            live = self._live.setdefault(task_id, LiveTask(task_id, name))
+            if queue and not live.queued:
+                live.queued = True
+                self._queue.append(task_id)
+        if queue and self._loop is not None and self._accepting:
+            self._loop.call_soon_threadsafe(self._dispatch)
+
+    def _untrack(self, task_id: str) -> None:
+        with self._lock:
+            self._live.pop(task_id, None)
+
+    def _signal(self, task_id: str, request: ControlRequest | str) -> None:
+        with self._lock:
+            live = self._live.get(task_id)
+            if live is None:
+                return
+            live.request = request
+            run = live.run
+        if run is not None:
+            run.wake()
+
+    def _restore(self) -> None:
+        """Load unfinished tasks and take back the runs of a process that died."""
+        with self.database.write() as session:
+            rows = crud.list_unfinished(session)
+            for task_id, name, status in rows:
+                task_class = self._types.get(name)
+                if task_class is None:
+                    logger.warning(
+                        "Task %s has unregistered type %r; it is left as %s",
+                        task_id,
+                        name,
+                        status,
+                        extra={"event": "task.unknown_type", "task_id": task_id},
+                    )
+                    continue
+                if status == TaskStatus.RUNNING:
+                    status = _recover(session, task_id, task_class)
+                if not status.is_terminal:
+                    self._track(task_id, name, queue=status == TaskStatus.PENDING)
+
+    # -- running, on the manager's loop --
+
+    def _begin(self) -> None:
+        self._flusher = asyncio.ensure_future(self._flush_progress_forever())
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._accepting and len(self._runs) < self.max_workers:
+            with self._lock:
+                if not self._queue:
+                    return
+                task_id = self._queue.popleft()
+                live = self._live.get(task_id)
+                if live is None:
+                    continue
+                live.queued = False
+            run = asyncio.ensure_future(self._execute(live))
+            # The loop keeps only a weak reference to a task: this set keeps it alive.
+            self._runs.add(run)
+            run.add_done_callback(self._run_done)
+
+    def _run_done(self, run: asyncio.Task[Any]) -> None:
+        self._runs.discard(run)
+        if not run.cancelled() and run.exception() is not None:
+            logger.error("Task runner crashed", exc_info=run.exception())
+        self._dispatch()
+
+    async def _execute(self, live: LiveTask) -> None:
+        with self.database.write() as session:
+            reason = f"claimed by {self.runner_id}"
+            task = crud.claim_task(session, live.task_id, self.runner_id, reason=reason)
+        if task is None:
+            return
+        run = Run(
+            manager=self,
+            live=live,
+            task_class=self._task_class(task.name),
+            token=crud.RunToken(self.runner_id, task.attempts),
+            progress=task.progress,
+            message=task.message,
+        )
+        with self._lock:
+            live.run = run
+            if task.control is not None:
+                live.request = task.control
+        logger.info(
+            "Task %s (%s) started, attempt %d",
+            task.id,
+            task.name,
+            task.attempts,
+            extra={"event": "task.started", "task_id": task.id, "task_name": task.name},
+        )
+        status = await run.execute(task.params, task.checkpoint)
+        with self._lock:
+            live.run = None
+            live.request = None
+            if status is not None and status.is_terminal:
+                self._live.pop(live.task_id, None)
+        if status == TaskStatus.PENDING and self._accepting:
+            self._track(live.task_id, live.name, queue=True)
+
+    async def _flush_progress_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.progress_interval)
+            try:
+                self._flush_progress()
+            except Exception:
+                logger.exception("Writing task progress failed; retrying next interval")
+
+    def _flush_progress(self) -> None:
+        """Write reported progress, and pick up requests stored by other processes."""
+        with self._lock:
+            runs = [live.run for live in self._live.values() if live.run is not None]
+        if not runs:
+            return
+        for run in runs:
+            run.flush_progress()
+        with self.database.read() as session:
+            controls = crud.get_controls(session, [run.task_id for run in runs])
+        for run in runs:
+            request = controls.get(run.task_id)
+            if request is not None and run.live.request is None:
+                self._signal(run.task_id, request)
+
+    async def _drain(self, grace: float) -> None:
+        with self._lock:
+            lives = [live for live in self._live.values() if live.run is not None]
+        for live in lives:
+            self._signal(live.task_id, SUSPEND)
+        if self._runs:
+            await asyncio.wait(set(self._runs), timeout=grace)
+        for live in lives:
+            run = live.run
+            if run is None:
+                continue
+            run.abandoned = True
+            self._suspend_abandoned(run)
+        pending = [*self._runs, *([self._flusher] if self._flusher else [])]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+
+    def _suspend_abandoned(self, run: Run) -> None:
+        reason = (
+            "suspended: the runner shut down before the task reached a checkpoint; "
+            "resumes from its last checkpoint"
+        )
+        try:
+            with run.write_lock, self.database.write() as session:
+                crud.change_status(
+                    session,
+                    run.task_id,
+                    TaskStatus.PENDING,
+                    reason=reason,
+                    run=run.token,
+                    values={"owner": None, "control": None, "progress": run.progress},
+                )
+        except crud.RunLost:
+            return
+        logger.warning(
+            "Task %s (%s) did not reach a checkpoint within the shutdown grace; "
+            "it goes back to PENDING",
+            run.task_id,
+            run.live.name,
+            extra={"event": "task.suspended", "task_id": run.task_id},
+        )
+
+
+def _validate_params(
+    task_class: type[BaseTask[Any]], params: Mapping[str, Any] | BaseModel | None
+) -> dict[str, Any]:
+    model = task_class.params_model
+    try:
+        if isinstance(params, model):
+            validated = params
+        elif isinstance(params, BaseModel):
+            validated = model.model_validate(params.model_dump())
+        else:
+            validated = model.model_validate(dict(params or {}))
+        stored: dict[str, Any] = validated.model_dump(mode="json")
+    except ValidationError as exc:
+        raise InvalidParams(task_class.name, exc.errors(include_url=False)) from exc
+    except (PydanticSerializationError, TypeError) as exc:
+        error = {"loc": (), "msg": f"params must be JSON-serializable ({exc})"}
+        raise InvalidParams(task_class.name, [error]) from exc
+    return stored
+
+
+def _reject(task: crud.Task, action: Action) -> None:
+    detail = ""
+    if task.control is not None:
+        detail = f" with a {task.control.lower()} request pending"
+    raise InvalidTransition(task.id, task.status, action, detail)
+
+
+def _recover(
+    session: Session, task_id: str, task_class: type[BaseTask[Any]]
+) -> TaskStatus:
+    """Take back a RUNNING task whose process died; return its new status."""
+    task = crud.get_task(session, task_id, for_update=True)
+    was = f"interrupted: runner {task.owner} ended during attempt {task.attempts}"
+    values: dict[str, Any] = {
+        "owner": None,
+        "control": None,
+        "recoveries": task.recoveries + 1,
+    }
+    if task.control == ControlRequest.STOP:
+        status, reason = TaskStatus.STOPPED, f"{was}; stopped as requested"
+        values["finished_at"] = utcnow()
+    elif task.control == ControlRequest.PAUSE:
+        status, reason = TaskStatus.PAUSED, f"{was}; paused as requested"
+    elif not task_class.resumable:
+        status, reason = TaskStatus.FAILED, f"{was}; the task type is not resumable"
+        interrupted = RuntimeError(reason)
+        values["error"] = {
+            **error_record(interrupted, "recovery"),
+            "type": "Interrupted",
+        }
+        values["finished_at"] = utcnow()
+    else:
+        status, reason = TaskStatus.PENDING, f"{was}; resumes from its last checkpoint"
+    crud.change_status(session, task_id, status, reason=reason, values=values)
+    logger.warning(
+        "Task %s (%s) %s",
+        task_id,
+        task.name,
+        reason,
+        extra={"event": "task.recovered", "task_id": task_id, "task_name": task.name},
+    )
+    return status

@@ -1,0 +1,138 @@
+"""SQLAlchemy models: the ``tasks`` table and its ``task_events`` history."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from taskmill.status import ControlRequest, TaskStatus
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC datetime on every backend.
+
+    SQLite keeps no offset, so values are stored as naive UTC and read back
+    with ``tzinfo=UTC``; naive values are rejected on the way in.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"Naive datetime {value!r}; pass an aware UTC datetime.")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+def _enum(cls: type[TaskStatus] | type[ControlRequest]) -> Enum:
+    return Enum(
+        cls,
+        native_enum=False,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads it as a class attribute
+        dt.datetime: UTCDateTime,
+        dict[str, Any]: JSON(none_as_null=True),
+        Any: JSON(none_as_null=True),
+    }
+
+
+class BackgroundTaskModel(Base):
+    """One task: what to run, where it is, and what it produced."""
+
+    __tablename__ = "tasks"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: The registered task type.
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[TaskStatus] = mapped_column(_enum(TaskStatus))
+    params: Mapped[dict[str, Any]]
+    result: Mapped[Any | None]
+    #: ``{"type", "message", "traceback", "phase"}`` of the failure.
+    error: Mapped[dict[str, Any] | None]
+    #: Percent done, 0 to 100.
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str | None] = mapped_column(Text)
+    #: The JSON state the task saved to resume from.
+    checkpoint: Mapped[Any | None]
+    #: How many runs have started (claims, resumes and restarts included).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: How many times a run was taken back from a process that died.
+    recoveries: Mapped[int] = mapped_column(Integer, default=0)
+    #: A pause or stop that the running task has not honoured yet.
+    control: Mapped[ControlRequest | None] = mapped_column(_enum(ControlRequest))
+    #: Id of the runner that owns the current run.
+    owner: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime]
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    updated_at: Mapped[dt.datetime]
+
+    __table_args__ = (
+        Index(None, "status", "created_at"),
+        Index(None, "name", "created_at"),
+        Index(None, "created_at"),
+    )
+
+
+class TaskEventModel(Base):
+    """One status transition of a task, written with the transition itself."""
+
+    __tablename__ = "task_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), index=True
+    )
+    #: None for the event that creates the task.
+    from_status: Mapped[TaskStatus | None] = mapped_column(_enum(TaskStatus))
+    to_status: Mapped[TaskStatus] = mapped_column(_enum(TaskStatus))
+    at: Mapped[dt.datetime]
+    reason: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,330 @@
+"""One run of one task: claim, call the hooks, and record how it ended."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from taskmill import crud
+from taskmill.exceptions import (
+    PauseRequested,
+    StopRequested,
+    SuspendRequested,
+    _ControlSignal,
+)
+from taskmill.models import utcnow
+from taskmill.schemas import TaskInfo
+from taskmill.status import ControlRequest, TaskStatus
+from taskmill.task import BaseTask
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from taskmill.database import Database
+    from taskmill.manager import TaskManager
+
+logger = logging.getLogger(__name__)
+
+#: The in-memory request that a manager shutting down sends to its runs.
+SUSPEND = "SUSPEND"
+
+
+@dataclass(eq=False)
+class LiveTask:
+    """A task that is not finished, as this process tracks it."""
+
+    task_id: str
+    name: str
+    #: A pause, stop or suspend that the current run must honour.
+    request: ControlRequest | str | None = None
+    run: Run | None = None
+    queued: bool = False
+
+
+@dataclass(eq=False)
+class Run:
+    """The state of one run while its hooks execute."""
+
+    manager: TaskManager
+    live: LiveTask
+    task_class: type[BaseTask[Any]]
+    token: crud.RunToken
+    progress: float
+    message: str | None
+    #: Set when progress changed since it was last written.
+    dirty: bool = False
+    #: Set by the manager when it took the task back (shutdown past its grace).
+    abandoned: bool = False
+    #: Serialises this run's writes, so an older progress never lands last.
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+    wakeup: threading.Event = field(default_factory=threading.Event)
+    #: The asyncio task of ``execute()``, cancelled to stop an async hook at once.
+    task: asyncio.Task[Any] | None = None
+    in_async_hook: bool = False
+
+    @property
+    def task_id(self) -> str:
+        return self.live.task_id
+
+    # -- called by the task, from a hook thread or the manager's loop --
+
+    def report_progress(self, percent: float, message: str | None) -> None:
+        self.progress = percent
+        if message is not None:
+            self.message = message
+        self.dirty = True
+        self.raise_if_requested()
+
+    @property
+    def database(self) -> Database:
+        return self.manager.database
+
+    def save_checkpoint(
+        self, state: Any, effects: Callable[[Session], object] | None = None
+    ) -> None:
+        _check_json(state, "Checkpoint state")
+        with self.write_lock, self.manager.database.write() as session:
+            if effects is not None:
+                effects(session)
+            control = crud.save_checkpoint(
+                session,
+                self.task_id,
+                self.token,
+                checkpoint=state,
+                progress=self.progress,
+                message=self.message,
+            )
+            self.dirty = False
+        if control is not None and self.live.request is None:
+            self.live.request = control
+        self.raise_if_requested()
+
+    def sleep(self, seconds: float) -> None:
+        self.wakeup.wait(seconds)
+        self.raise_if_requested()
+
+    def act(self, action: str) -> TaskInfo:
+        return self.manager.act(self.task_id, action)
+
+    def raise_if_requested(self) -> None:
+        request = self.live.request
+        if request == ControlRequest.PAUSE:
+            raise PauseRequested
+        if request == ControlRequest.STOP:
+            raise StopRequested
+        if request == SUSPEND:
+            raise SuspendRequested
+
+    # -- called by the manager --
+
+    def wake(self) -> None:
+        """Tell the run that a request arrived; cancel an async hook on stop."""
+        self.wakeup.set()
+        if self.task is not None and self.live.request in (
+            ControlRequest.STOP,
+            SUSPEND,
+        ):
+            self.task.get_loop().call_soon_threadsafe(self._cancel_async_hook)
+
+    def _cancel_async_hook(self) -> None:
+        # Runs on the loop, where in_async_hook changes, so it cannot cancel
+        # the wait for a plain hook that runs on a thread.
+        if self.in_async_hook and self.task is not None:
+            self.task.cancel()
+
+    def flush_progress(self) -> None:
+        """Write the latest progress if it changed; skip if a write is under way."""
+        if not self.dirty or not self.write_lock.acquire(blocking=False):
+            return
+        try:
+            self.dirty = False
+            with self.manager.database.write() as session:
+                crud.save_progress(
+                    session, [(self.task_id, self.token, self.progress, self.message)]
+                )
+        finally:
+            self.write_lock.release()
+
+    async def execute(
+        self, row_params: dict[str, Any], state: Any
+    ) -> TaskStatus | None:
+        """Call the hooks and record the outcome; return the status the run ended in."""
+        self.task = asyncio.current_task()
+        phase = "pre"
+        result: Any = None
+        try:
+            params = self.task_class.params_model.model_validate(row_params)
+            instance = self.task_class(
+                task_id=self.task_id, params=params, state=state, runtime=self
+            )
+            self.raise_if_requested()
+            await self._call(instance.pre)
+            phase = "run"
+            result = await self._call(instance.run)
+            if self.live.request == ControlRequest.STOP:
+                raise StopRequested
+            _check_json(result, "The result")
+            instance.result = result
+            phase = "post"
+            await self._call(instance.post)
+        except _ControlSignal as signal:
+            return self._end_on_request(signal)
+        except asyncio.CancelledError:
+            if self.abandoned:
+                return None
+            if self.live.request == ControlRequest.STOP:
+                return self._end_on_request(StopRequested())
+            if self.live.request == SUSPEND:
+                return self._end_on_request(SuspendRequested())
+            raise
+        except BaseException as exc:
+            keep = {"result": result} if phase == "post" else {}
+            return self._fail(exc, phase, keep)
+        return self._finish(result)
+
+    async def _call(self, hook: Callable[[], Any]) -> Any:
+        if inspect.iscoroutinefunction(hook):
+            self.in_async_hook = True
+            try:
+                return await hook()
+            finally:
+                self.in_async_hook = False
+        return await _in_daemon_thread(hook)
+
+    # -- outcomes --
+
+    def _finish(self, result: Any) -> TaskStatus | None:
+        values = {
+            "result": result,
+            "progress": 100.0,
+            "checkpoint": None,
+            "finished_at": utcnow(),
+            "control": None,
+        }
+        return self._end(TaskStatus.FINISHED, "finished", values)
+
+    def _fail(
+        self, exc: BaseException, phase: str, values: dict[str, Any]
+    ) -> TaskStatus | None:
+        logger.error(
+            "Task %s (%s) failed in %s(): %s: %s",
+            self.task_id,
+            self.live.name,
+            phase,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+            extra={
+                "event": "task.failed",
+                "task_id": self.task_id,
+                "task_name": self.live.name,
+            },
+        )
+        values |= {
+            "error": error_record(exc, phase),
+            "progress": self.progress,
+            "message": self.message,
+            "finished_at": utcnow(),
+            "control": None,
+        }
+        return self._end(
+            TaskStatus.FAILED, f"failed in {phase}(): {type(exc).__name__}", values
+        )
+
+    def _end_on_request(self, signal: _ControlSignal) -> TaskStatus | None:
+        base = {"progress": self.progress, "message": self.message, "control": None}
+        if isinstance(signal, PauseRequested):
+            return self._end(
+                TaskStatus.PAUSED, "paused at a checkpoint", base | {"owner": None}
+            )
+        if isinstance(signal, StopRequested):
+            values = base | {"finished_at": utcnow(), "checkpoint": None}
+            return self._end(TaskStatus.STOPPED, "stopped by request", values)
+        reason = "suspended: the runner shut down; resumes from its checkpoint"
+        return self._end(TaskStatus.PENDING, reason, base | {"owner": None})
+
+    def _end(
+        self, status: TaskStatus, reason: str, values: dict[str, Any]
+    ) -> TaskStatus | None:
+        try:
+            with self.write_lock, self.manager.database.write() as session:
+                crud.change_status(
+                    session,
+                    self.task_id,
+                    status,
+                    reason=reason,
+                    run=self.token,
+                    values=values,
+                )
+        except crud.RunLost:
+            logger.warning(
+                "Task %s (%s) was taken back from this run; its outcome %s is dropped",
+                self.task_id,
+                self.live.name,
+                status,
+                extra={"event": "run.lost", "task_id": self.task_id},
+            )
+            return None
+        logger.info(
+            "Task %s (%s) %s",
+            self.task_id,
+            self.live.name,
+            status.lower(),
+            extra={"event": f"task.{status.lower()}", "task_id": self.task_id},
+        )
+        return status
+
+
+def error_record(exc: BaseException, phase: str) -> dict[str, Any]:
+    """Describe a failure as the JSON stored in the task's ``error``."""
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+        "phase": phase,
+    }
+
+
+def _check_json(value: Any, what: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be JSON-serializable: {exc}") from exc
+
+
+async def _in_daemon_thread(function: Callable[[], Any]) -> Any:
+    """Call ``function`` on a new daemon thread and await its outcome.
+
+    Daemon threads, unlike a ThreadPoolExecutor's, do not hold the process
+    open at exit, so a hook stuck in a blocking call cannot stop a shutdown.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(outcome: Any, failed: bool) -> None:
+        if future.cancelled():
+            return
+        if failed:
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def target() -> None:
+        try:
+            outcome, failed = function(), False
+        except BaseException as exc:
+            outcome, failed = exc, True
+        try:
+            loop.call_soon_threadsafe(settle, outcome, failed)
+        except RuntimeError:
+            logger.warning("A task hook returned after its manager's loop closed")
+
+    threading.Thread(target=target, name="taskmill-hook", daemon=True).start()
+    return await future

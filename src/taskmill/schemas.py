@@ -1,0 +1,85 @@
+"""Pydantic models of what taskmill returns and accepts."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from taskmill.status import Action, ControlRequest, TaskStatus, allowed_actions
+
+
+class TaskError(BaseModel):
+    """Why a task failed."""
+
+    #: The exception class, e.g. ``"ValueError"``.
+    type: str
+    message: str
+    traceback: str | None = None
+    #: The hook that raised (``pre``, ``run``, ``post``) or what ended the run.
+    phase: str
+
+
+class TaskInfo(BaseModel):
+    """A snapshot of one task as the database holds it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    status: TaskStatus
+    params: dict[str, Any]
+    progress: float = Field(description="Percent done, 0 to 100.")
+    message: str | None = Field(description="The last progress message.")
+    result: Any = None
+    error: TaskError | None = None
+    attempts: int = Field(description="How many runs have started.")
+    recoveries: int = Field(description="How many runs were taken back after a crash.")
+    pending_request: ControlRequest | None = Field(
+        validation_alias="control",
+        description="A pause or stop that the running task has not reached yet.",
+    )
+    owner: str | None = Field(description="The runner of the current run.")
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    updated_at: dt.datetime
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def allowed_actions(self) -> list[Action]:
+        return allowed_actions(self.status)
+
+
+class TaskEventInfo(BaseModel):
+    """One status transition in a task's history."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    task_id: str
+    from_status: TaskStatus | None
+    to_status: TaskStatus
+    at: dt.datetime
+    reason: str
+
+
+class TaskCreate(BaseModel):
+    """The body of ``POST /tasks``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="A registered task type.", min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    start: bool = Field(
+        default=True, description="False creates the task held (PAUSED) until started."
+    )
+
+
+class TaskTypeInfo(BaseModel):
+    """A registered task type and the JSON schema of its params."""
+
+    name: str
+    description: str | None
+    params_schema: dict[str, Any]
