@@ -41,11 +41,15 @@ class FakeRuntime:
     def report_progress(self, percent: float, message: str | None) -> None:
         self.progress.append((percent, message))
 
-    def save_checkpoint(self, state: Any) -> None:
+    def save_checkpoint(self, state: Any, effects: Any) -> None:
         # A JSON round trip, as a database column would do.
         self.checkpoints.append(json.loads(json.dumps(state)))
         if len(self.checkpoints) == self.interrupt_after:
             raise PauseRequested
+
+    @property
+    def database(self) -> Any:
+        raise AssertionError("directory_digest does not use the database")
 
     def sleep(self, seconds: float) -> None:
         raise AssertionError("directory_digest does not sleep")

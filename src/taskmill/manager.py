@@ -86,7 +86,12 @@ class TaskManager:
 
     def register(self, task_class: T) -> T:
         """Register a task class under its ``name``; usable as a decorator."""
-        name = task_class.name
+        name = getattr(task_class, "name", None)
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                f"Task class {task_class.__qualname__} must set a class attribute "
+                "`name` (a non-empty str) to be registered."
+            )
         if self._types.get(name, task_class) is not task_class:
             raise TaskTypeAlreadyRegistered(name)
         self._types[name] = task_class

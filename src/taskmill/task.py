@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import inspect
 import math
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -71,15 +70,6 @@ class BaseTask(abc.ABC, Generic[P]):
         #: What ``run()`` returned; set before ``post()`` is called.
         self.result: Any = None
         self._runtime = runtime
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if not inspect.isabstract(cls) and not isinstance(
-            cls.__dict__.get("name"), str
-        ):
-            raise TypeError(
-                f"Task class {cls.__qualname__} must set a class attribute `name` (a str)."
-            )
 
     @abc.abstractmethod
     def pre(self) -> Any:

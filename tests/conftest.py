@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from taskmill import BaseTask, TaskManager
+from tests.tasks import create_ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'tasks.db'}"
+
+
+@pytest.fixture
+def make_manager(database_url: str) -> Iterator[Callable[..., TaskManager]]:
+    """Build started managers on the test's database; shut them down afterwards."""
+    managers: list[TaskManager] = []
+
+    def make(*task_classes: type[BaseTask[Any]], **options: Any) -> TaskManager:
+        options.setdefault("progress_interval", 0.05)
+        options.setdefault("shutdown_grace", 2.0)
+        manager = TaskManager(options.pop("url", database_url), **options)
+        for task_class in task_classes:
+            manager.register(task_class)
+        manager.database.create_schema()
+        create_ledger(manager.database)
+        manager.startup()
+        managers.append(manager)
+        return manager
+
+    yield make
+    for manager in managers:
+        manager.shutdown(grace=1.0)
+
+
+def eventually(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    """The test app served by uvicorn in its own process group."""
+
+    def __init__(self, database_url: str, log_path: Path, env: dict[str, str]) -> None:
+        self.database_url = database_url
+        self.log_path = log_path
+        self.env = env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env, "TASKMILL_DATABASE_URL": self.database_url}
+        command = [
+            sys.executable, "-m", "uvicorn", "tests.app:create_app", "--factory",
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ]  # fmt: skip
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
+        )
+        eventually(self._is_healthy, timeout=20, interval=0.05)
+
+    def _is_healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"Server exited; log:\n{self.log_path.read_text()}")
+        try:
+            return self.client.get("/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def term(self, timeout: float = 10.0) -> float:
+        """Send SIGTERM and return how long the process took to exit."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=timeout)
+        return time.monotonic() - started
+
+    def restart(self) -> None:
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.client.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def make_server(
+    database_url: str, tmp_path: Path
+) -> Iterator[Callable[..., ServerProcess]]:
+    servers: list[ServerProcess] = []
+
+    def make(**env: str) -> ServerProcess:
+        log_path = tmp_path / f"server-{len(servers)}.log"
+        server = ServerProcess(database_url, log_path, env)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
