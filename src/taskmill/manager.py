@@ -459,6 +459,7 @@ class TaskManager:
             task_class=self._task_class(task.name),
             token=crud.RunToken(self.runner_id, task.attempts),
             progress=task.progress,
+            progress_floor=task.progress,
             message=task.message,
         )
         with self._lock:

@@ -58,6 +58,8 @@ class Run:
     token: crud.RunToken
     progress: float
     message: str | None
+    #: The progress stored when the run started; see ``report_progress()``.
+    progress_floor: float = 0.0
     #: Set when progress changed since it was last written.
     dirty: bool = False
     #: Set by the manager when it took the task back (shutdown past its grace).
@@ -76,7 +78,12 @@ class Run:
     # -- called by the task, from a hook thread or the manager's loop --
 
     def report_progress(self, percent: float, message: str | None) -> None:
-        self.progress = percent
+        # A resumed run redoes the work since its last checkpoint. Holding the
+        # progress that was shown before until the run passes it keeps the
+        # shown progress from stepping back; later reports are taken as they are.
+        if percent >= self.progress_floor:
+            self.progress_floor = 0.0
+            self.progress = percent
         if message is not None:
             self.message = message
         self.dirty = True
