@@ -423,3 +423,18 @@ def test_shutdown_grace_bounds_blocked_task(database_url: str) -> None:
         row = crud.get_task(session, task.id)
     assert row.status == S.PENDING
     assert row.owner is None
+
+
+@pytest.mark.parametrize(("action", "expected"), [("pause", S.PAUSED), ("stop", S.STOPPED)])
+def test_shutdown_keeps_pending_request(
+    database_url: str, action: str, expected: TaskStatus
+) -> None:
+    manager = start_again(database_url, BlockingTask)
+    task = manager.create("blocking", {"seconds": 2})
+    eventually(lambda: status_of(manager, task.id) == S.RUNNING)
+    manager.act(task.id, action)
+    manager.shutdown(grace=0.2)
+    with Database(database_url).read() as session:
+        row = crud.get_task(session, task.id)
+    assert row.status == expected
+    assert row.control is None

@@ -26,7 +26,7 @@ from taskmill.exceptions import (
     UnknownTaskType,
 )
 from taskmill.models import utcnow
-from taskmill.runner import SUSPEND, LiveTask, Run, error_record
+from taskmill.runner import SUSPEND, LiveTask, Run, error_record, honour_request
 from taskmill.schemas import TaskEventInfo, TaskInfo
 from taskmill.status import Action, ControlRequest, TaskStatus
 from taskmill.task import BaseTask
@@ -529,15 +529,24 @@ class TaskManager:
             "suspended: the runner shut down before the task reached a checkpoint; "
             "resumes from its last checkpoint"
         )
+        values: dict[str, Any] = {
+            "owner": None,
+            "control": None,
+            "progress": run.progress,
+        }
         try:
             with run.write_lock, self.database.write() as session:
+                control = crud.get_task(session, run.task_id).control
+                status, reason, values = honour_request(
+                    control, TaskStatus.PENDING, reason, values
+                )
                 crud.change_status(
                     session,
                     run.task_id,
-                    TaskStatus.PENDING,
+                    status,
                     reason=reason,
                     run=run.token,
-                    values={"owner": None, "control": None, "progress": run.progress},
+                    values=values,
                 )
         except crud.RunLost:
             return
@@ -588,12 +597,10 @@ def _recover(
         "control": None,
         "recoveries": task.recoveries + 1,
     }
-    if task.control == ControlRequest.STOP:
-        status, reason = TaskStatus.STOPPED, f"{was}; stopped as requested"
-        values["finished_at"] = utcnow()
-    elif task.control == ControlRequest.PAUSE:
-        status, reason = TaskStatus.PAUSED, f"{was}; paused as requested"
-    elif not task_class.resumable:
+    status, reason, values = honour_request(
+        task.control, TaskStatus.PENDING, was, values
+    )
+    if status == TaskStatus.PENDING and not task_class.resumable:
         status, reason = TaskStatus.FAILED, f"{was}; the task type is not resumable"
         interrupted = RuntimeError(reason)
         values["error"] = {
@@ -601,8 +608,8 @@ def _recover(
             "type": "Interrupted",
         }
         values["finished_at"] = utcnow()
-    else:
-        status, reason = TaskStatus.PENDING, f"{was}; resumes from its last checkpoint"
+    elif status == TaskStatus.PENDING:
+        reason = f"{was}; resumes from its last checkpoint"
     crud.change_status(session, task_id, status, reason=reason, values=values)
     logger.warning(
         "Task %s (%s) %s",

@@ -262,6 +262,11 @@ class Run:
     ) -> TaskStatus | None:
         try:
             with self.write_lock, self.manager.database.write() as session:
+                if not status.is_terminal:
+                    control = crud.get_task(session, self.task_id).control
+                    status, reason, values = honour_request(
+                        control, status, reason, values
+                    )
                 crud.change_status(
                     session,
                     self.task_id,
@@ -287,6 +292,33 @@ class Run:
             extra={"event": f"task.{status.lower()}", "task_id": self.task_id},
         )
         return status
+
+
+def honour_request(
+    control: ControlRequest | None,
+    status: TaskStatus,
+    reason: str,
+    values: dict[str, Any],
+) -> tuple[TaskStatus, str, dict[str, Any]]:
+    """Let a stored stop or pause request decide where an unfinished run goes.
+
+    A run that ends PAUSED or goes back to PENDING may carry a request that
+    arrived after the one it honoured (a stop after a pause), or none at all
+    (a shutdown): the request wins, so that nothing a user asked for is lost.
+    """
+    if control == ControlRequest.STOP and status in (
+        TaskStatus.PAUSED,
+        TaskStatus.PENDING,
+    ):
+        values = values | {"finished_at": utcnow(), "checkpoint": None, "control": None}
+        return TaskStatus.STOPPED, f"{reason}; stopped as requested", values
+    if control == ControlRequest.PAUSE and status == TaskStatus.PENDING:
+        return (
+            TaskStatus.PAUSED,
+            f"{reason}; paused as requested",
+            values | {"control": None},
+        )
+    return status, reason, values
 
 
 def error_record(exc: BaseException, phase: str) -> dict[str, Any]:
