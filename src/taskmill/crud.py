@@ -9,12 +9,13 @@ lost its task (suspended at shutdown, recovered elsewhere) cannot overwrite it.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, select, update
+from sqlalchemy import Table, and_, insert, select, update
 from sqlalchemy.orm import Session
 
 from taskmill.exceptions import InvalidTransition, TaskNotFound
@@ -23,6 +24,7 @@ from taskmill.status import INITIAL, ControlRequest, TaskStatus, is_allowed
 
 Task = BackgroundTaskModel
 _tasks = cast(Table, BackgroundTaskModel.__table__)
+_events = cast(Table, TaskEventModel.__table__)
 
 #: Columns that a fresh run starts without.
 RUN_RESET: dict[str, Any] = {
@@ -63,24 +65,24 @@ def create_task(
             f"A task cannot be created as {status}; use PENDING or PAUSED."
         )
     now = utcnow()
-    task = Task(
-        id=str(uuid.uuid4()),
-        name=name,
-        status=status,
-        params=params,
-        progress=0.0,
-        attempts=0,
-        recoveries=0,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(task)
-    session.add(
-        TaskEventModel(
-            task_id=task.id, from_status=None, to_status=status, at=now, reason=reason
+    task_id = str(uuid.uuid4())
+    statement = (
+        insert(Task)
+        .values(
+            id=task_id,
+            name=name,
+            status=status,
+            params=params,
+            progress=0.0,
+            attempts=0,
+            recoveries=0,
+            created_at=now,
+            updated_at=now,
         )
+        .returning(Task)
     )
-    session.flush()
+    task = session.scalars(statement).one()
+    _add_event(session, task_id, None, status, now, reason)
     return task
 
 
@@ -150,7 +152,13 @@ def change_status(
     Raises ``InvalidTransition`` when the transition table does not allow the
     move, and ``RunLost`` when ``run`` no longer owns the task.
     """
-    current = get_task(session, task_id, for_update=True)
+    current = session.execute(
+        select(_tasks.c.status, _tasks.c.owner, _tasks.c.attempts)
+        .where(_tasks.c.id == task_id)
+        .with_for_update()
+    ).one_or_none()
+    if current is None:
+        raise TaskNotFound(task_id)
     if run is not None and not _owns(current, run):
         raise RunLost(task_id)
     previous = current.status
@@ -165,16 +173,7 @@ def change_status(
         .execution_options(populate_existing=True)
     )
     task = session.scalars(statement).one()
-    session.add(
-        TaskEventModel(
-            task_id=task_id,
-            from_status=previous,
-            to_status=to,
-            at=now,
-            reason=reason,
-        )
-    )
-    session.flush()
+    _add_event(session, task_id, previous, to, now, reason)
     return task
 
 
@@ -218,16 +217,7 @@ def claim_task(
     task = session.scalars(statement).one_or_none()
     if task is None:
         return None
-    session.add(
-        TaskEventModel(
-            task_id=task_id,
-            from_status=TaskStatus.PENDING,
-            to_status=TaskStatus.RUNNING,
-            at=now,
-            reason=reason,
-        )
-    )
-    session.flush()
+    _add_event(session, task_id, TaskStatus.PENDING, TaskStatus.RUNNING, now, reason)
     return task
 
 
@@ -290,8 +280,27 @@ def get_controls(
     return {row.id: row.control for row in session.execute(statement)}
 
 
-def _owns(task: Task, run: RunToken) -> bool:
-    return (
+def _add_event(
+    session: Session,
+    task_id: str,
+    from_status: TaskStatus | None,
+    to_status: TaskStatus,
+    at: dt.datetime,
+    reason: str,
+) -> None:
+    session.execute(
+        insert(_events).values(
+            task_id=task_id,
+            from_status=from_status,
+            to_status=to_status,
+            at=at,
+            reason=reason,
+        )
+    )
+
+
+def _owns(task: Any, run: RunToken) -> bool:
+    return bool(
         task.status == TaskStatus.RUNNING
         and task.owner == run.owner
         and task.attempts == run.attempt

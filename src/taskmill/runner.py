@@ -70,6 +70,10 @@ class Run:
     #: The asyncio task of ``execute()``, cancelled to stop an async hook at once.
     task: asyncio.Task[Any] | None = None
     in_async_hook: bool = False
+    #: The hook being called: ``pre``, ``run`` or ``post``.
+    phase: str = "pre"
+    #: What ``run()`` returned, once it has.
+    result: Any = None
 
     @property
     def task_id(self) -> str:
@@ -164,23 +168,19 @@ class Run:
     ) -> TaskStatus | None:
         """Call the hooks and record the outcome; return the status the run ended in."""
         self.task = asyncio.current_task()
-        phase = "pre"
-        result: Any = None
         try:
             params = self.task_class.params_model.model_validate(row_params)
             instance = self.task_class(
                 task_id=self.task_id, params=params, state=state, runtime=self
             )
             self.raise_if_requested()
-            await self._call(instance.pre)
-            phase = "run"
-            result = await self._call(instance.run)
-            if self.live.request == ControlRequest.STOP:
-                raise StopRequested
-            _check_json(result, "The result")
-            instance.result = result
-            phase = "post"
-            await self._call(instance.post)
+            hooks = (instance.pre, instance.run, instance.post)
+            if any(inspect.iscoroutinefunction(hook) for hook in hooks):
+                result = await self._call_hooks_async(instance)
+            else:
+                # One thread for the three hooks: a thread start costs more
+                # than a short task's whole run.
+                result = await _in_daemon_thread(lambda: self._call_hooks(instance))
         except _ControlSignal as signal:
             return self._end_on_request(signal)
         except asyncio.CancelledError:
@@ -192,9 +192,33 @@ class Run:
                 return self._end_on_request(SuspendRequested())
             raise
         except BaseException as exc:
-            keep = {"result": result} if phase == "post" else {}
-            return self._fail(exc, phase, keep)
+            keep = {"result": self.result} if self.phase == "post" else {}
+            return self._fail(exc, self.phase, keep)
         return self._finish(result)
+
+    def _call_hooks(self, instance: BaseTask[Any]) -> Any:
+        instance.pre()
+        self.phase = "run"
+        result = instance.run()
+        self._accept_result(instance, result)
+        instance.post()
+        return result
+
+    async def _call_hooks_async(self, instance: BaseTask[Any]) -> Any:
+        await self._call(instance.pre)
+        self.phase = "run"
+        result = await self._call(instance.run)
+        self._accept_result(instance, result)
+        await self._call(instance.post)
+        return result
+
+    def _accept_result(self, instance: BaseTask[Any], result: Any) -> None:
+        """Check what ``run()`` returned before ``post()`` is called."""
+        if self.live.request == ControlRequest.STOP:
+            raise StopRequested
+        _check_json(result, "The result")
+        instance.result = self.result = result
+        self.phase = "post"
 
     async def _call(self, hook: Callable[[], Any]) -> Any:
         if inspect.iscoroutinefunction(hook):
@@ -220,13 +244,14 @@ class Run:
     def _fail(
         self, exc: BaseException, phase: str, values: dict[str, Any]
     ) -> TaskStatus | None:
+        error = error_record(exc, phase)
         logger.error(
             "Task %s (%s) failed in %s(): %s: %s",
             self.task_id,
             self.live.name,
             phase,
-            type(exc).__name__,
-            exc,
+            error["type"],
+            error["message"],
             exc_info=exc,
             extra={
                 "event": "task.failed",
@@ -235,7 +260,7 @@ class Run:
             },
         )
         values |= {
-            "error": error_record(exc, phase),
+            "error": error,
             "progress": self.progress,
             "message": self.message,
             "finished_at": utcnow(),
@@ -325,10 +350,19 @@ def error_record(exc: BaseException, phase: str) -> dict[str, Any]:
     """Describe a failure as the JSON stored in the task's ``error``."""
     return {
         "type": type(exc).__name__,
-        "message": str(exc),
+        "message": _message_of(exc),
         "traceback": "".join(traceback.format_exception(exc)),
         "phase": phase,
     }
+
+
+def _message_of(exc: BaseException) -> str:
+    # A task's exception may have a broken __str__; raising here would leave
+    # the task RUNNING with no outcome recorded.
+    try:
+        return str(exc)
+    except Exception as str_error:
+        return f"<str() of the exception raised {type(str_error).__name__}>"
 
 
 def _check_json(value: Any, what: str) -> None:
