@@ -257,7 +257,7 @@ def save_progress(
 ) -> None:
     """Store the progress of several runs in one statement per run.
 
-    Runs that lost their task are skipped: the next checkpoint tells them.
+    Runs that lost their task are skipped; their next checkpoint raises ``RunLost``.
     """
     now = utcnow()
     for task_id, run, progress, message in updates:

@@ -77,13 +77,13 @@ class InvalidTransition(TaskmillError):
         self.requested = requested
         self.allowed = allowed_actions(current)
         names = ", ".join(a.value for a in self.allowed) or "none"
-        what = (
+        attempted = (
             f"move task {task_id!r} to {requested}"
             if isinstance(requested, TaskStatus)
             else f"{requested} task {task_id!r}"
         )
         super().__init__(
-            f"Cannot {what}: it is {current.value}{detail}. "
+            f"Cannot {attempted}: it is {current.value}{detail}. "
             f"Actions allowed now: {names}."
         )
 

@@ -262,9 +262,9 @@ class TaskManager:
     def stop(self, task_id: str) -> TaskInfo:
         """End a PENDING or PAUSED task now, or a RUNNING one at its next checkpoint.
 
-        An ``async`` hook is cancelled at once; a plain hook on a thread cannot
-        be, so the task stays RUNNING with the request pending until it reaches
-        a checkpoint or returns.
+        An ``async`` hook is cancelled at once. A plain hook on a thread cannot
+        be cancelled, so the task stays RUNNING with the request pending until
+        the hook reaches a checkpoint or returns.
         """
         with self.database.write() as session:
             task = crud.get_task(session, task_id, for_update=True)
@@ -331,16 +331,16 @@ class TaskManager:
         poll: float = 0.02,
     ) -> TaskInfo:
         """Poll until the task reaches one of ``statuses``; raise TimeoutError after ``timeout``."""
-        wanted = set(statuses)
+        expected = set(statuses)
         deadline = time.monotonic() + timeout
         while True:
             info = self.get(task_id)
-            if info.status in wanted:
+            if info.status in expected:
                 return info
             if time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"Task {task_id!r} is still {info.status} after {timeout} s; "
-                    f"expected one of {sorted(wanted)}."
+                    f"expected one of {sorted(expected)}."
                 )
             time.sleep(poll)
 

@@ -82,9 +82,9 @@ class Run:
     # -- called by the task, from a hook thread or the manager's loop --
 
     def report_progress(self, percent: float, message: str | None) -> None:
-        # A resumed run redoes the work since its last checkpoint. Holding the
-        # progress that was shown before until the run passes it keeps the
-        # shown progress from stepping back; later reports are taken as they are.
+        # A resumed run redoes the work since its last checkpoint, so it reports
+        # less than was already shown. Keep the stored value until the run
+        # passes it; from then on, every report is taken as it is.
         if percent >= self.progress_floor:
             self.progress_floor = 0.0
             self.progress = percent
@@ -327,9 +327,9 @@ def honour_request(
 ) -> tuple[TaskStatus, str, dict[str, Any]]:
     """Let a stored stop or pause request decide where an unfinished run goes.
 
-    A run that ends PAUSED or goes back to PENDING may carry a request that
-    arrived after the one it honoured (a stop after a pause), or none at all
-    (a shutdown): the request wins, so that nothing a user asked for is lost.
+    A run that ends PAUSED may have received a stop after the pause it honoured.
+    A run that goes back to PENDING at shutdown honoured no request at all.
+    In both cases the stored request wins, so nothing a user asked for is lost.
     """
     if control == ControlRequest.STOP and status in (
         TaskStatus.PAUSED,
@@ -365,11 +365,11 @@ def _message_of(exc: BaseException) -> str:
         return f"<str() of the exception raised {type(str_error).__name__}>"
 
 
-def _check_json(value: Any, what: str) -> None:
+def _check_json(value: Any, label: str) -> None:
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} must be JSON-serializable: {exc}") from exc
+        raise TypeError(f"{label} must be JSON-serializable: {exc}") from exc
 
 
 async def _in_daemon_thread(function: Callable[[], Any]) -> Any:

@@ -27,7 +27,7 @@ P = TypeVar("P", bound=BaseModel)
 
 
 class _Runtime(Protocol):
-    """What a task instance calls back into while it runs (the manager's run)."""
+    """The manager's side of a run, which a task instance calls while it runs."""
 
     @property
     def database(self) -> Database: ...
@@ -81,7 +81,7 @@ class BaseTask(abc.ABC, Generic[P]):
 
     @abc.abstractmethod
     def post(self) -> Any:
-        """Clean up after ``run()`` returned; ``self.result`` holds its value."""
+        """Clean up after ``run()`` returned; ``self.result`` contains its value."""
 
     @property
     def database(self) -> Database:
@@ -114,9 +114,9 @@ class BaseTask(abc.ABC, Generic[P]):
         """Save ``state`` (a JSON value) durably so that a later run resumes from it.
 
         ``effects``, if given, is called with the session of the checkpoint's
-        transaction: the rows it writes commit together with the checkpoint,
-        so a step whose effects are written this way is done exactly once even
-        if the process dies. Returns once the transaction has committed.
+        transaction. The rows it writes commit together with the checkpoint, so
+        a resumed run, which starts from the checkpoint, does not write them
+        again. Returns once the transaction has committed.
         """
         self._runtime.save_checkpoint(state, effects)
         self.state = state
