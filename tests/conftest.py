@@ -85,10 +85,15 @@ class ServerProcess:
             sys.executable, "-m", "uvicorn", "tests.app:create_app", "--factory",
             "--host", "127.0.0.1", "--port", str(self.port),
         ]  # fmt: skip
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
-        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         eventually(self._is_healthy, timeout=20, interval=0.05)
 
     def _is_healthy(self) -> bool:

@@ -8,6 +8,7 @@ connection wrote meanwhile, whatever the busy timeout says.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +18,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from taskmill.models import Base
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DATABASE_URL = "sqlite:///./taskmill.db"
 
@@ -53,17 +56,42 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        with self._reader() as session, session.begin():
+        with _transaction(self._reader) as session:
             yield session
 
     @contextmanager
     def write(self) -> Iterator[Session]:
         """Open a write transaction; it commits when the block ends."""
-        with self._writer() as session, session.begin():
+        with _transaction(self._writer) as session:
             yield session
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+@contextmanager
+def _transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """Run a block in one transaction: commit if it returns, roll back if it raises.
+
+    When the rollback itself fails (the block broke the connection), the
+    rollback error is logged and the block's own exception propagates, so the
+    error that a task raised is the one recorded.
+    """
+    session = factory()
+    try:
+        session.begin()
+        yield session
+        session.commit()
+    except BaseException as exc:
+        try:
+            session.rollback()
+        except Exception:
+            logger.warning(
+                "Rolling back after %s failed", type(exc).__name__, exc_info=True
+            )
+        raise
+    finally:
+        session.close()
 
 
 def _configure_sqlite(engine: Engine, busy_timeout: float, synchronous: str) -> None:

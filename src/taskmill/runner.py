@@ -91,7 +91,7 @@ class Run:
         if message is not None:
             self.message = message
         self.dirty = True
-        self.raise_if_requested()
+        self.raise_if_requested("at a progress report")
 
     @property
     def database(self) -> Database:
@@ -115,23 +115,24 @@ class Run:
             self.dirty = False
         if control is not None and self.live.request is None:
             self.live.request = control
-        self.raise_if_requested()
+        self.raise_if_requested("at a checkpoint")
 
     def sleep(self, seconds: float) -> None:
         self.wakeup.wait(seconds)
-        self.raise_if_requested()
+        self.raise_if_requested("in sleep()")
 
     def act(self, action: str) -> TaskInfo:
         return self.manager.act(self.task_id, action)
 
-    def raise_if_requested(self) -> None:
+    def raise_if_requested(self, where: str) -> None:
+        """Unwind the hooks if a request is pending; ``where`` goes into the history."""
         request = self.live.request
         if request == ControlRequest.PAUSE:
-            raise PauseRequested
+            raise PauseRequested(where)
         if request == ControlRequest.STOP:
-            raise StopRequested
+            raise StopRequested(where)
         if request == SUSPEND:
-            raise SuspendRequested
+            raise SuspendRequested(where)
 
     # -- called by the manager --
 
@@ -173,7 +174,7 @@ class Run:
             instance = self.task_class(
                 task_id=self.task_id, params=params, state=state, runtime=self
             )
-            self.raise_if_requested()
+            self.raise_if_requested("before the hooks ran")
             hooks = (instance.pre, instance.run, instance.post)
             if any(inspect.iscoroutinefunction(hook) for hook in hooks):
                 result = await self._call_hooks_async(instance)
@@ -186,10 +187,11 @@ class Run:
         except asyncio.CancelledError:
             if self.abandoned:
                 return None
+            where = "at an await in an async hook"
             if self.live.request == ControlRequest.STOP:
-                return self._end_on_request(StopRequested())
+                return self._end_on_request(StopRequested(where))
             if self.live.request == SUSPEND:
-                return self._end_on_request(SuspendRequested())
+                return self._end_on_request(SuspendRequested(where))
             raise
         except BaseException as exc:
             keep = {"result": self.result} if self.phase == "post" else {}
@@ -215,7 +217,7 @@ class Run:
     def _accept_result(self, instance: BaseTask[Any], result: Any) -> None:
         """Check what ``run()`` returned before ``post()`` is called."""
         if self.live.request == ControlRequest.STOP:
-            raise StopRequested
+            raise StopRequested("after run() returned")
         _check_json(result, "The result")
         instance.result = self.result = result
         self.phase = "post"
@@ -271,15 +273,22 @@ class Run:
         )
 
     def _end_on_request(self, signal: _ControlSignal) -> TaskStatus | None:
-        base = {"progress": self.progress, "message": self.message, "control": None}
+        where = str(signal.args[0]) if signal.args else "during the run"
+        base: dict[str, Any] = {
+            "progress": self.progress,
+            "message": self.message,
+            "control": None,
+        }
         if isinstance(signal, PauseRequested):
-            return self._end(
-                TaskStatus.PAUSED, "paused at a checkpoint", base | {"owner": None}
-            )
+            values = base | {"owner": None}
+            return self._end(TaskStatus.PAUSED, f"paused {where}", values)
         if isinstance(signal, StopRequested):
             values = base | {"finished_at": utcnow(), "checkpoint": None}
-            return self._end(TaskStatus.STOPPED, "stopped by request", values)
-        reason = "suspended: the runner shut down; resumes from its checkpoint"
+            return self._end(TaskStatus.STOPPED, f"stopped by request {where}", values)
+        reason = (
+            f"suspended {where} because the runner shut down; "
+            "resumes from its last checkpoint"
+        )
         return self._end(TaskStatus.PENDING, reason, base | {"owner": None})
 
     def _end(
@@ -310,10 +319,11 @@ class Run:
             )
             return None
         logger.info(
-            "Task %s (%s) %s",
+            "Task %s (%s) is %s: %s",
             self.task_id,
             self.live.name,
-            status.lower(),
+            status,
+            reason,
             extra={"event": f"task.{status.lower()}", "task_id": self.task_id},
         )
         return status
