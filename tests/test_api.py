@@ -246,11 +246,22 @@ def test_unknown_action_is_404(client: TestClient) -> None:
     assert client.post(f"/api/tasks/{task['id']}/explode").status_code == 404
 
 
-def test_create_without_running_manager_is_503(manager: TaskManager) -> None:
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/tasks"),
+        ("GET", "/tasks"),
+        ("GET", "/tasks/x"),
+        ("POST", "/tasks/x/pause"),
+    ],
+)
+def test_without_running_manager_is_503(
+    manager: TaskManager, method: str, path: str
+) -> None:
     app = FastAPI()
     app.include_router(create_router(manager))
     with TestClient(app) as client:
-        response = client.post("/tasks", json={"name": "countdown", "params": {}})
+        response = client.request(method, path, json={"name": "countdown"})
     assert response.status_code == 503
     assert "lifespan" in response.json()["detail"]
 
@@ -268,3 +279,10 @@ def test_dependencies_guard_every_endpoint(manager: TaskManager) -> None:
         assert client.get("/tasks").status_code == 401
         assert client.get("/task-types").status_code == 401
         assert client.get("/tasks", headers={"X-API-Key": "secret"}).status_code == 200
+
+
+def test_openapi_documents_error_responses(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "404" in paths["/api/tasks/{task_id}"]["get"]["responses"]
+    assert "409" in paths["/api/tasks/{task_id}/pause"]["post"]["responses"]
+    assert "503" in paths["/api/tasks"]["get"]["responses"]

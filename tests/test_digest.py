@@ -320,7 +320,7 @@ def test_vanished_non_utf8_name(tmp_path: Path) -> None:
     manifest = ManifestDigest()
     manifest.add_file(os.fsencode(tmp_path), path)
     vanished = manifest.result()["vanished"]
-    assert [os.fsencode(name) for name in vanished] == [b"./caf\xe9"]
+    assert vanished == ["./caf\\xe9"]
 
 
 def test_unreadable_file_fails_naming_it(

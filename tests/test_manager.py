@@ -119,9 +119,10 @@ def test_workers_are_bounded(make_manager: MakeManager) -> None:
     peak = 0
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        statuses = [status_of(manager, task_id) for task_id in ids]
-        peak = max(peak, statuses.count(S.RUNNING))
-        if all(status == S.FINISHED for status in statuses):
+        # One query, so that the count is a snapshot of the table.
+        running = manager.list(statuses=[S.RUNNING])
+        peak = max(peak, len(running))
+        if len(manager.list(statuses=[S.FINISHED])) == len(ids):
             break
         time.sleep(0.02)
     assert peak == 2
@@ -440,3 +441,47 @@ def test_shutdown_keeps_pending_request(
         row = crud.get_task(session, task.id)
     assert row.status == expected
     assert row.control is None
+
+
+def test_register_rejects_class_without_hooks() -> None:
+    class OnlyRun(BaseTask[NoParams]):
+        name = "only_run"
+
+        def run(self) -> None: ...
+
+    with pytest.raises(TypeError, match=r"post\(\), pre\(\)"):
+        TaskManager("sqlite://").register(OnlyRun)  # type: ignore[type-abstract]
+
+
+def test_register_rejects_non_task() -> None:
+    with pytest.raises(TypeError, match="subclass BaseTask"):
+        TaskManager("sqlite://").register(int)  # type: ignore[type-var]
+
+
+def test_pending_task_stored_elsewhere_runs(make_manager: MakeManager) -> None:
+    manager = make_manager(Countdown, poll_interval=0.1)
+    other = Database(manager.database.url)
+    with other.write() as session:
+        task = crud.create_task(
+            session, name="countdown", params={"seconds": 0, "steps": 1}
+        )
+    assert manager.wait(task.id, timeout=5).status == S.FINISHED
+
+
+def test_run_taken_back_ends_quietly(
+    make_manager: MakeManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = make_manager(StepTask)
+    task = manager.create("step", {"n": 20, "step_s": 0.05})
+    eventually(lambda: manager.get(task.id).progress >= 10)
+    with manager.database.write() as session:
+        # What a second runner does when it recovers the task.
+        crud.change_status(session, task.id, S.PENDING, reason="taken by another")
+        crud.claim_task(session, task.id, "other-runner", reason="claimed")
+    eventually(lambda: task.id not in manager.live_task_ids())
+    info = manager.get(task.id)
+    assert info.status == S.RUNNING
+    assert info.owner == "other-runner"
+    assert info.error is None
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert any("taken back" in r.getMessage() for r in caplog.records)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from taskmill import InvalidTransition, TaskStatus
+from taskmill import ControlRequest, InvalidTransition, TaskStatus
 from taskmill.status import ACTIONS, TRANSITIONS, Action, allowed_actions, is_allowed
 
 S = TaskStatus
@@ -103,3 +103,17 @@ def test_invalid_transition_message_names_status_and_actions() -> None:
     assert "FINISHED" in str(error)
     assert "restart" in str(error)
     assert error.allowed == [Action.RESTART]
+
+
+def test_stop_pending_allows_only_stop() -> None:
+    assert allowed_actions(S.RUNNING, ControlRequest.STOP) == [Action.STOP]
+    assert allowed_actions(S.RUNNING, ControlRequest.PAUSE) == [
+        Action.PAUSE,
+        Action.STOP,
+    ]
+
+
+def test_invalid_transition_with_stop_pending() -> None:
+    error = InvalidTransition("t-1", S.RUNNING, Action.PAUSE, ControlRequest.STOP)
+    assert "stop request pending" in str(error)
+    assert "Actions allowed now: stop." in str(error)

@@ -9,12 +9,16 @@ Mount it in an app whose lifespan runs the manager::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from taskmill.exceptions import (
     InvalidParams,
@@ -25,11 +29,14 @@ from taskmill.exceptions import (
     UnknownTaskType,
 )
 from taskmill.manager import TaskManager
+from taskmill.runner import clean_text
 from taskmill.schemas import TaskCreate, TaskEventInfo, TaskInfo, TaskTypeInfo
 from taskmill.status import Action, TaskStatus
 
 #: The largest page that ``GET /tasks`` returns.
 MAX_PAGE = 500
+#: The largest offset: SQLite integers are 64-bit.
+MAX_OFFSET = 2**62
 
 
 def create_router(
@@ -40,11 +47,22 @@ def create_router(
     ``dependencies`` (FastAPI ``Depends(...)``) apply to every endpoint, e.g.
     to require authentication.
     """
+
+    def require_running() -> None:
+        if not manager.is_running:
+            raise ManagerNotRunning("serve task requests")
+
     router = APIRouter(
         tags=["tasks"],
         route_class=_TaskmillRoute,
-        dependencies=list(dependencies or []),
+        dependencies=[*(dependencies or []), Depends(require_running)],
+        responses={
+            503: {"model": ErrorBody, "description": "The manager is not running."}
+        },
     )
+    not_found: dict[int | str, dict[str, Any]] = {
+        404: {"model": ErrorBody, "description": "No task with that id."}
+    }
 
     @router.get("/task-types")
     def list_task_types() -> list[TaskTypeInfo]:
@@ -58,10 +76,13 @@ def create_router(
             for name, task_class in sorted(manager.task_types.items())
         ]
 
-    @router.post("/tasks", status_code=status.HTTP_201_CREATED)
+    @router.post(
+        "/tasks",
+        status_code=status.HTTP_201_CREATED,
+        responses={404: {"model": ErrorBody, "description": "Unknown task type."}},
+    )
     def create_task(body: TaskCreate) -> TaskInfo:
         """Create a task; it runs as soon as a worker is free unless `start` is false."""
-        _require_running(manager, "create a task")
         return manager.create(body.name, body.params, start=body.start)
 
     @router.get("/tasks")
@@ -69,18 +90,18 @@ def create_router(
         status: Annotated[list[TaskStatus] | None, Query()] = None,
         name: str | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> list[TaskInfo]:
         """List tasks newest first, filtered by status (repeatable) and name."""
         return manager.list(
             statuses=status or (), name=name, limit=limit, offset=offset
         )
 
-    @router.get("/tasks/{task_id}")
+    @router.get("/tasks/{task_id}", responses=not_found)
     def read_task(task_id: str) -> TaskInfo:
         return manager.get(task_id)
 
-    @router.get("/tasks/{task_id}/events")
+    @router.get("/tasks/{task_id}/events", responses=not_found)
     def list_task_events(task_id: str) -> list[TaskEventInfo]:
         """List the status transitions of a task, oldest first."""
         return manager.events(task_id)
@@ -94,14 +115,19 @@ def create_router(
             response_model=TaskInfo,
             name=f"{action.value}_task",
             summary=f"{action.value.capitalize()} a task",
-            responses={409: {"description": "The task's status does not allow it."}},
+            responses={
+                **not_found,
+                409: {
+                    "model": TransitionErrorBody,
+                    "description": "The task's status does not allow it.",
+                },
+            },
         )
     return router
 
 
 def _action_endpoint(manager: TaskManager, action: Action) -> Callable[[str], TaskInfo]:
     def endpoint(task_id: str) -> TaskInfo:
-        _require_running(manager, f"{action.value} a task")
         return manager.act(task_id, action)
 
     endpoint.__doc__ = {
@@ -114,9 +140,14 @@ def _action_endpoint(manager: TaskManager, action: Action) -> Callable[[str], Ta
     return endpoint
 
 
-def _require_running(manager: TaskManager, operation: str) -> None:
-    if not manager.is_running:
-        raise ManagerNotRunning(operation)
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class TransitionErrorBody(BaseModel):
+    detail: str
+    status: TaskStatus
+    allowed_actions: list[Action]
 
 
 def _first_line(text: str | None) -> str | None:
@@ -134,8 +165,26 @@ class _TaskmillRoute(APIRoute):
                 return await handler(request)
             except TaskmillError as exc:
                 return _error_response(exc)
+            except RequestValidationError as exc:
+                # FastAPI's own handler echoes the input back, and fails on a
+                # NaN or an unpaired surrogate in it.
+                detail = _json_safe(jsonable_encoder(exc.errors()))
+                return JSONResponse({"detail": detail}, status_code=422)
 
         return handle
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace what a JSON response cannot encode: NaN, infinities, lone surrogates."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
+    return value
 
 
 def _error_response(exc: TaskmillError) -> JSONResponse:

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from sqlalchemy.exc import SQLAlchemyError
 
-from taskmill.database import DEFAULT_DATABASE_URL
+from taskmill.database import DEFAULT_DATABASE_URL, Database
 from taskmill.demo import DATABASE_URL_VARIABLE
 
 app = typer.Typer(help="Durable background tasks for FastAPI.", no_args_is_help=True)
@@ -37,6 +38,7 @@ def serve(
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _check_database(db)
     os.environ[DATABASE_URL_VARIABLE] = db
     typer.echo(f"taskmill demo: API docs at http://{host}:{port}/docs, database {db}")
     uvicorn.run(
@@ -46,3 +48,20 @@ def serve(
         port=port,
         log_level=log_level,
     )
+
+
+def _check_database(url: str) -> None:
+    """Open the database once, so that a bad ``--db`` fails with one clear line."""
+    try:
+        database = Database(url)
+        try:
+            database.create_schema()
+        finally:
+            database.dispose()
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise typer.BadParameter(
+            f"cannot open database {url!r}: {reason}. Pass a SQLAlchemy URL of a "
+            "database that exists or can be created, e.g. sqlite:///./taskmill.db.",
+            param_hint="--db",
+        ) from exc

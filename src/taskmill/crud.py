@@ -138,6 +138,17 @@ def list_unfinished(session: Session) -> list[tuple[str, str, TaskStatus]]:
     return [(row.id, row.name, row.status) for row in session.execute(statement)]
 
 
+def list_queued(session: Session, *, limit: int) -> list[tuple[str, str]]:
+    """Return id and name of the oldest PENDING tasks."""
+    statement = (
+        select(Task.id, Task.name)
+        .where(Task.status == TaskStatus.PENDING)
+        .order_by(Task.created_at, Task.id)
+        .limit(limit)
+    )
+    return [(row.id, row.name) for row in session.execute(statement)]
+
+
 def change_status(
     session: Session,
     task_id: str,

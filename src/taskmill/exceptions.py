@@ -9,9 +9,9 @@
     └── ManagerNotRunning         used before startup or after shutdown (HTTP 503)
 
 Control flow inside a task (never raised to users, documented here so that
-they are not caught by mistake): ``PauseRequested``, ``StopRequested`` and
-``SuspendRequested`` derive from ``BaseException`` so that task code which
-catches ``Exception`` cannot swallow them.
+they are not caught by mistake): ``PauseRequested``, ``StopRequested``,
+``SuspendRequested`` and ``RunTakenBack`` derive from ``BaseException`` so
+that task code which catches ``Exception`` cannot swallow them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from taskmill.status import Action, TaskStatus, allowed_actions
+from taskmill.status import Action, ControlRequest, TaskStatus, allowed_actions
 
 
 class TaskmillError(Exception):
@@ -70,13 +70,15 @@ class InvalidTransition(TaskmillError):
         task_id: str,
         current: TaskStatus,
         requested: TaskStatus | Action | str,
-        detail: str = "",
+        pending: ControlRequest | None = None,
     ) -> None:
         self.task_id = task_id
         self.current = current
         self.requested = requested
-        self.allowed = allowed_actions(current)
+        self.pending = pending
+        self.allowed = allowed_actions(current, pending)
         names = ", ".join(a.value for a in self.allowed) or "none"
+        detail = f" with a {pending.lower()} request pending" if pending else ""
         attempted = (
             f"move task {task_id!r} to {requested}"
             if isinstance(requested, TaskStatus)
@@ -110,3 +112,7 @@ class StopRequested(_ControlSignal):
 
 class SuspendRequested(_ControlSignal):
     """The manager is shutting down; the run goes back to PENDING."""
+
+
+class RunTakenBack(_ControlSignal):
+    """The task no longer belongs to this run; the run ends without writing."""

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from taskmill import crud
@@ -26,7 +27,14 @@ from taskmill.exceptions import (
     UnknownTaskType,
 )
 from taskmill.models import utcnow
-from taskmill.runner import SUSPEND, LiveTask, Run, error_record, honour_request
+from taskmill.runner import (
+    SUSPEND,
+    LiveTask,
+    Run,
+    check_json,
+    error_record,
+    honour_request,
+)
 from taskmill.schemas import TaskEventInfo, TaskInfo
 from taskmill.status import Action, ControlRequest, TaskStatus
 from taskmill.task import BaseTask
@@ -49,6 +57,8 @@ class TaskManager:
         that a task cannot stall the web server's loop.
     progress_interval:
         Seconds between writes of the progress that tasks report.
+    poll_interval:
+        Seconds between looks for PENDING tasks that another process stored.
     shutdown_grace:
         Seconds that ``shutdown()`` waits for running tasks to reach a
         checkpoint before it puts them back to PENDING regardless.
@@ -60,6 +70,7 @@ class TaskManager:
         *,
         max_workers: int = 4,
         progress_interval: float = 0.5,
+        poll_interval: float = 1.0,
         shutdown_grace: float = 10.0,
     ) -> None:
         if max_workers < 1:
@@ -69,6 +80,7 @@ class TaskManager:
         )
         self.max_workers = max_workers
         self.progress_interval = progress_interval
+        self.poll_interval = poll_interval
         self.shutdown_grace = shutdown_grace
         #: Identifies this process's runs in the ``owner`` column.
         self.runner_id = f"runner-{uuid.uuid4().hex[:12]}"
@@ -79,6 +91,8 @@ class TaskManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runs: set[asyncio.Task[Any]] = set()
+        #: Runs whose outcome the database failed to store; retried by upkeep.
+        self._unrecorded: set[Run] = set()
         self._accepting = False
         self._flusher: asyncio.Task[None] | None = None
 
@@ -86,12 +100,8 @@ class TaskManager:
 
     def register(self, task_class: T) -> T:
         """Register a task class under its ``name``; usable as a decorator."""
-        name = getattr(task_class, "name", None)
-        if not isinstance(name, str) or not name:
-            raise TypeError(
-                f"Task class {task_class.__qualname__} must set a class attribute "
-                "`name` (a non-empty str) to be registered."
-            )
+        _check_task_class(task_class)
+        name = task_class.name
         if self._types.get(name, task_class) is not task_class:
             raise TaskTypeAlreadyRegistered(name)
         self._types[name] = task_class
@@ -152,11 +162,21 @@ class TaskManager:
         self._accepting = False
         grace = self.shutdown_grace if grace is None else grace
         drain = asyncio.run_coroutine_threadsafe(self._drain(grace), loop)
-        drain.result()
+        try:
+            drain.result(timeout=grace + 5)
+        except TimeoutError:
+            # An async hook that blocks the loop (time.sleep in async def)
+            # keeps the drain from running; its task is recovered at startup.
+            logger.error(
+                "Task manager %s: the event loop did not respond within the "
+                "shutdown grace; tasks it ran stay RUNNING until the next startup",
+                self.runner_id,
+            )
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
-        loop.close()
+        if not loop.is_running():
+            loop.close()
         self._loop = self._thread = None
         with self._lock:
             self._live.clear()
@@ -195,13 +215,13 @@ class TaskManager:
             task = crud.create_task(
                 session, name=name, params=stored, status=status, reason=reason
             )
-        self._track(task.id, name, queue=start)
         logger.info(
             "Task %s (%s) created",
             task.id,
             name,
             extra={"event": "task.created", "task_id": task.id, "task_name": name},
         )
+        self._track(task.id, name, queue=start)
         return TaskInfo.model_validate(task)
 
     def get(self, task_id: str) -> TaskInfo:
@@ -255,7 +275,7 @@ class TaskManager:
             else:
                 _reject(task, Action.PAUSE)
         if task.status == TaskStatus.RUNNING:
-            self._signal(task_id, ControlRequest.PAUSE)
+            self._signal(task_id, ControlRequest.PAUSE, task.attempts)
         self._log_request(task_id, task.name, Action.PAUSE)
         return TaskInfo.model_validate(task)
 
@@ -285,7 +305,7 @@ class TaskManager:
             else:
                 _reject(task, Action.STOP)
         if task.status == TaskStatus.RUNNING:
-            self._signal(task_id, ControlRequest.STOP)
+            self._signal(task_id, ControlRequest.STOP, task.attempts)
         else:
             self._untrack(task_id)
         self._log_request(task_id, task.name, Action.STOP)
@@ -388,17 +408,28 @@ class TaskManager:
 
     def _untrack(self, task_id: str) -> None:
         with self._lock:
-            self._live.pop(task_id, None)
+            live = self._live.get(task_id)
+            # A restart may have queued the task again since it ended.
+            if live is not None and not live.queued and live.run is None:
+                del self._live[task_id]
 
-    def _signal(self, task_id: str, request: ControlRequest | str) -> None:
+    def _signal(
+        self, task_id: str, request: ControlRequest | str, attempt: int | None = None
+    ) -> None:
+        """Pass a request to the task's current run, if ``attempt`` is that run.
+
+        A request that arrives after its run ended is dropped: the database
+        holds it, and the next run reads it when it is claimed.
+        """
         with self._lock:
             live = self._live.get(task_id)
-            if live is None:
+            run = live.run if live is not None else None
+            if live is None or run is None:
+                return
+            if attempt is not None and run.token.attempt != attempt:
                 return
             live.request = request
-            run = live.run
-        if run is not None:
-            run.wake()
+        run.wake()
 
     def _restore(self) -> None:
         """Load unfinished tasks and take back the runs of a process that died."""
@@ -423,7 +454,7 @@ class TaskManager:
     # -- running, on the manager's loop --
 
     def _begin(self) -> None:
-        self._flusher = asyncio.ensure_future(self._flush_progress_forever())
+        self._flusher = asyncio.ensure_future(self._maintain_forever())
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -464,8 +495,8 @@ class TaskManager:
         )
         with self._lock:
             live.run = run
-            if task.control is not None:
-                live.request = task.control
+            # The stored request, never one left in memory by an earlier run.
+            live.request = task.control
         logger.info(
             "Task %s (%s) started, attempt %d",
             task.id,
@@ -474,21 +505,77 @@ class TaskManager:
             extra={"event": "task.started", "task_id": task.id, "task_name": task.name},
         )
         status = await run.execute(task.params, task.checkpoint)
+        self._after_run(run, status)
+
+    def _after_run(self, run: Run, status: TaskStatus | None) -> None:
+        """Update the registry once a run's outcome is stored (or given up)."""
+        live = run.live
         with self._lock:
-            live.run = None
-            live.request = None
-            if status is not None and status.is_terminal:
-                self._live.pop(live.task_id, None)
+            if run.unrecorded is not None:
+                # The database failed: the run keeps its slot in the registry
+                # until the upkeep loop stores the outcome.
+                self._unrecorded.add(run)
+                return
+            self._unrecorded.discard(run)
+            if live.run is run:
+                live.run = None
+                live.request = None
+            # None: the task was taken back and is no longer this process's to
+            # track. A restart that queued it again meanwhile keeps the entry.
+            ended = status is None or status.is_terminal
+            if ended and not live.queued and self._live.get(live.task_id) is live:
+                del self._live[live.task_id]
         if status == TaskStatus.PENDING and self._accepting:
             self._track(live.task_id, live.name, queue=True)
 
-    async def _flush_progress_forever(self) -> None:
+    async def _maintain_forever(self) -> None:
+        """Flush progress every ``progress_interval``; adopt tasks every ``poll_interval``."""
+        next_poll = time.monotonic() + self.poll_interval
+        failing = False
         while True:
             await asyncio.sleep(self.progress_interval)
             try:
+                self._retry_unrecorded()
                 self._flush_progress()
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.poll_interval
+                    self._adopt_pending()
+                failing = False
             except Exception:
-                logger.exception("Writing task progress failed; retrying next interval")
+                # Log the first failure in a row with its traceback, not one per interval.
+                if not failing:
+                    logger.exception(
+                        "Task manager upkeep failed; retrying every interval"
+                    )
+                failing = True
+
+    def _retry_unrecorded(self) -> None:
+        with self._lock:
+            runs = list(self._unrecorded)
+        for run in runs:
+            status = run.retry_outcome()
+            if run.unrecorded is None:
+                self._after_run(run, status)
+
+    def _adopt_pending(self) -> None:
+        """Queue PENDING tasks that this process does not track.
+
+        Another process may have stored them: a script, or a runner that put
+        its tasks back when it shut down. Claims are atomic, so a task that
+        two runners both queue still runs once.
+        """
+        with self.database.read() as session:
+            rows = crud.list_queued(session, limit=self.max_workers * 64)
+        with self._lock:
+            idle = {
+                task_id
+                for task_id, _ in rows
+                if (live := self._live.get(task_id)) is None
+                or not (live.queued or live.run)
+            }
+        for task_id, name in rows:
+            if task_id in idle and name in self._types:
+                self._track(task_id, name, queue=True)
 
     def _flush_progress(self) -> None:
         """Write reported progress, and pick up requests stored by other processes."""
@@ -503,7 +590,7 @@ class TaskManager:
         for run in runs:
             request = controls.get(run.task_id)
             if request is not None and run.live.request is None:
-                self._signal(run.task_id, request)
+                self._signal(run.task_id, request, run.token.attempt)
 
     async def _drain(self, grace: float) -> None:
         with self._lock:
@@ -512,12 +599,23 @@ class TaskManager:
             self._signal(live.task_id, SUSPEND)
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=grace)
+        self._retry_unrecorded()
         for live in lives:
             run = live.run
-            if run is None:
+            if run is None or run.unrecorded is not None:
+                # An outcome the database still rejects stays unwritten: the
+                # task is RUNNING in the database and is recovered at startup.
                 continue
             run.abandoned = True
-            self._suspend_abandoned(run)
+            try:
+                self._suspend_abandoned(run)
+            except SQLAlchemyError:
+                logger.exception(
+                    "Task %s (%s) could not be put back to PENDING; it is "
+                    "recovered at the next startup",
+                    run.task_id,
+                    run.live.name,
+                )
         pending = [*self._runs, *([self._flusher] if self._flusher else [])]
         for task in pending:
             task.cancel()
@@ -559,6 +657,25 @@ class TaskManager:
         )
 
 
+def _check_task_class(task_class: Any) -> None:
+    label = getattr(task_class, "__qualname__", repr(task_class))
+    if not (isinstance(task_class, type) and issubclass(task_class, BaseTask)):
+        raise TypeError(f"Cannot register {label}: task types must subclass BaseTask.")
+    name = getattr(task_class, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            f"Cannot register task class {label}: set a class attribute "
+            "`name` (a non-empty str)."
+        )
+    missing = sorted(getattr(task_class, "__abstractmethods__", ()))
+    if missing:
+        raise TypeError(
+            f"Cannot register task class {label}: it does not define "
+            f"{', '.join(m + '()' for m in missing)}. A task defines pre(), run() "
+            "and post(); a hook with nothing to do can just `pass`."
+        )
+
+
 def _validate_params(
     task_class: type[BaseTask[Any]], params: Mapping[str, Any] | BaseModel | None
 ) -> dict[str, Any]:
@@ -571,6 +688,7 @@ def _validate_params(
         else:
             validated = model.model_validate(dict(params or {}))
         stored: dict[str, Any] = validated.model_dump(mode="json")
+        check_json(stored, "Params")
     except ValidationError as exc:
         raise InvalidParams(task_class.name, exc.errors(include_url=False)) from exc
     except (PydanticSerializationError, TypeError) as exc:
@@ -580,10 +698,7 @@ def _validate_params(
 
 
 def _reject(task: crud.Task, action: Action) -> None:
-    detail = ""
-    if task.control is not None:
-        detail = f" with a {task.control.lower()} request pending"
-    raise InvalidTransition(task.id, task.status, action, detail)
+    raise InvalidTransition(task.id, task.status, action, task.control)
 
 
 def _recover(

@@ -12,9 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from taskmill import crud
 from taskmill.exceptions import (
     PauseRequested,
+    RunTakenBack,
     StopRequested,
     SuspendRequested,
     _ControlSignal,
@@ -74,6 +77,8 @@ class Run:
     phase: str = "pre"
     #: What ``run()`` returned, once it has.
     result: Any = None
+    #: An outcome (status, reason, values) that the database failed to store.
+    unrecorded: tuple[TaskStatus, str, dict[str, Any]] | None = None
 
     @property
     def task_id(self) -> str:
@@ -89,7 +94,7 @@ class Run:
             self.progress_floor = 0.0
             self.progress = percent
         if message is not None:
-            self.message = message
+            self.message = clean_text(message)
         self.dirty = True
         self.raise_if_requested("at a progress report")
 
@@ -100,18 +105,21 @@ class Run:
     def save_checkpoint(
         self, state: Any, effects: Callable[[Session], object] | None = None
     ) -> None:
-        _check_json(state, "Checkpoint state")
+        check_json(state, "Checkpoint state")
         with self.write_lock, self.manager.database.write() as session:
             if effects is not None:
                 effects(session)
-            control = crud.save_checkpoint(
-                session,
-                self.task_id,
-                self.token,
-                checkpoint=state,
-                progress=self.progress,
-                message=self.message,
-            )
+            try:
+                control = crud.save_checkpoint(
+                    session,
+                    self.task_id,
+                    self.token,
+                    checkpoint=state,
+                    progress=self.progress,
+                    message=self.message,
+                )
+            except crud.RunLost:
+                raise RunTakenBack("at a checkpoint") from None
             self.dirty = False
         if control is not None and self.live.request is None:
             self.live.request = control
@@ -181,22 +189,34 @@ class Run:
             else:
                 # One thread for the three hooks: a thread start costs more
                 # than a short task's whole run.
-                result = await _in_daemon_thread(lambda: self._call_hooks(instance))
-        except _ControlSignal as signal:
-            return self._end_on_request(signal)
-        except asyncio.CancelledError:
-            if self.abandoned:
-                return None
-            where = "at an await in an async hook"
-            if self.live.request == ControlRequest.STOP:
-                return self._end_on_request(StopRequested(where))
-            if self.live.request == SUSPEND:
-                return self._end_on_request(SuspendRequested(where))
-            raise
+                result, error = await _in_daemon_thread(
+                    lambda: self._call_hooks(instance)
+                )
+                if error is not None:
+                    return self._settle(error)
+        except asyncio.CancelledError as exc:
+            return self._settle_cancelled(exc)
         except BaseException as exc:
-            keep = {"result": self.result} if self.phase == "post" else {}
-            return self._fail(exc, self.phase, keep)
+            return self._settle(exc)
         return self._finish(result)
+
+    def _settle(self, exc: BaseException) -> TaskStatus | None:
+        """Record how a run that raised ends: on request, or FAILED."""
+        if isinstance(exc, _ControlSignal):
+            return self._end_on_request(exc)
+        keep = {"result": self.result} if self.phase == "post" else {}
+        return self._fail(exc, self.phase, keep)
+
+    def _settle_cancelled(self, exc: asyncio.CancelledError) -> TaskStatus | None:
+        if self.abandoned:
+            return None
+        where = "at an await in an async hook"
+        if self.live.request == ControlRequest.STOP:
+            return self._end_on_request(StopRequested(where))
+        if self.live.request == SUSPEND:
+            return self._end_on_request(SuspendRequested(where))
+        # Nobody cancelled the run: the task's own code raised it.
+        return self._settle(exc)
 
     def _call_hooks(self, instance: BaseTask[Any]) -> Any:
         instance.pre()
@@ -218,7 +238,7 @@ class Run:
         """Check what ``run()`` returned before ``post()`` is called."""
         if self.live.request == ControlRequest.STOP:
             raise StopRequested("after run() returned")
-        _check_json(result, "The result")
+        check_json(result, "The result")
         instance.result = self.result = result
         self.phase = "post"
 
@@ -229,7 +249,10 @@ class Run:
                 return await hook()
             finally:
                 self.in_async_hook = False
-        return await _in_daemon_thread(hook)
+        result, error = await _in_daemon_thread(hook)
+        if error is not None:
+            raise error
+        return result
 
     # -- outcomes --
 
@@ -274,6 +297,9 @@ class Run:
 
     def _end_on_request(self, signal: _ControlSignal) -> TaskStatus | None:
         where = str(signal.args[0]) if signal.args else "during the run"
+        if isinstance(signal, RunTakenBack):
+            self._log_taken_back()
+            return None
         base: dict[str, Any] = {
             "progress": self.progress,
             "message": self.message,
@@ -291,9 +317,29 @@ class Run:
         )
         return self._end(TaskStatus.PENDING, reason, base | {"owner": None})
 
+    def retry_outcome(self) -> TaskStatus | None:
+        """Write the unrecorded outcome again; return its status once stored."""
+        if self.unrecorded is None:
+            return None
+        return self._end(*self.unrecorded)
+
+    def _log_taken_back(self) -> None:
+        logger.warning(
+            "Task %s (%s) was taken back from this run by another runner or a "
+            "shutdown; the run ends without recording an outcome",
+            self.task_id,
+            self.live.name,
+            extra={"event": "run.lost", "task_id": self.task_id},
+        )
+
     def _end(
         self, status: TaskStatus, reason: str, values: dict[str, Any]
     ) -> TaskStatus | None:
+        """Record the outcome; return the status written, or None if it was not.
+
+        When the database fails, the outcome is kept in ``unrecorded`` and the
+        manager writes it again later, so the task does not stay RUNNING.
+        """
         try:
             with self.write_lock, self.manager.database.write() as session:
                 if not status.is_terminal:
@@ -310,14 +356,23 @@ class Run:
                     values=values,
                 )
         except crud.RunLost:
-            logger.warning(
-                "Task %s (%s) was taken back from this run; its outcome %s is dropped",
-                self.task_id,
-                self.live.name,
-                status,
-                extra={"event": "run.lost", "task_id": self.task_id},
-            )
+            self._log_taken_back()
+            self.unrecorded = None
             return None
+        except SQLAlchemyError as exc:
+            if self.unrecorded is None:
+                logger.warning(
+                    "Task %s (%s): recording its outcome %s failed (%s); "
+                    "retrying until the database accepts it",
+                    self.task_id,
+                    self.live.name,
+                    status,
+                    exc,
+                    extra={"event": "task.outcome_deferred", "task_id": self.task_id},
+                )
+            self.unrecorded = (status, reason, values)
+            return None
+        self.unrecorded = None
         logger.info(
             "Task %s (%s) is %s: %s",
             self.task_id,
@@ -360,8 +415,8 @@ def error_record(exc: BaseException, phase: str) -> dict[str, Any]:
     """Describe a failure as the JSON stored in the task's ``error``."""
     return {
         "type": type(exc).__name__,
-        "message": _message_of(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
+        "message": clean_text(_message_of(exc)),
+        "traceback": clean_text("".join(traceback.format_exception(exc))),
         "phase": phase,
     }
 
@@ -375,37 +430,53 @@ def _message_of(exc: BaseException) -> str:
         return f"<str() of the exception raised {type(str_error).__name__}>"
 
 
-def _check_json(value: Any, label: str) -> None:
+def clean_text(text: str) -> str:
+    """Escape unpaired surrogates, which no database or JSON response can encode.
+
+    ``os.fsdecode()`` makes them of file names that are not UTF-8; other text
+    is returned unchanged.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_json(value: Any, label: str) -> None:
+    """Raise TypeError unless ``value`` can be stored and returned as JSON."""
     try:
-        json.dumps(value, allow_nan=False)
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TypeError(
+            f"{label} contains text with an unpaired surrogate ({exc.reason}); "
+            "decode bytes with errors='backslashreplace' instead of os.fsdecode()"
+        ) from exc
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{label} must be JSON-serializable: {exc}") from exc
 
 
-async def _in_daemon_thread(function: Callable[[], Any]) -> Any:
-    """Call ``function`` on a new daemon thread and await its outcome.
+async def _in_daemon_thread(
+    function: Callable[[], Any],
+) -> tuple[Any, BaseException | None]:
+    """Call ``function`` on a new daemon thread; return its result and exception.
 
-    Daemon threads, unlike a ThreadPoolExecutor's, do not hold the process
-    open at exit, so a hook stuck in a blocking call cannot stop a shutdown.
+    The exception is returned, not raised, because asyncio cannot carry some
+    of them (``StopIteration``, ``GeneratorExit``) through a future. Daemon
+    threads, unlike a ThreadPoolExecutor's, do not hold the process open at
+    exit, so a hook stuck in a blocking call cannot stop a shutdown.
     """
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
+    future: asyncio.Future[tuple[Any, BaseException | None]] = loop.create_future()
 
-    def settle(outcome: Any, failed: bool) -> None:
-        if future.cancelled():
-            return
-        if failed:
-            future.set_exception(outcome)
-        else:
+    def settle(outcome: tuple[Any, BaseException | None]) -> None:
+        if not future.cancelled():
             future.set_result(outcome)
 
     def target() -> None:
+        outcome: tuple[Any, BaseException | None]
         try:
-            outcome, failed = function(), False
+            outcome = (function(), None)
         except BaseException as exc:
-            outcome, failed = exc, True
+            outcome = (None, exc)
         try:
-            loop.call_soon_threadsafe(settle, outcome, failed)
+            loop.call_soon_threadsafe(settle, outcome)
         except RuntimeError:
             logger.warning("A task hook returned after its manager's loop closed")
 

@@ -49,7 +49,7 @@ class TaskInfo(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def allowed_actions(self) -> list[Action]:
-        return allowed_actions(self.status)
+        return allowed_actions(self.status, self.pending_request)
 
 
 class TaskEventInfo(BaseModel):

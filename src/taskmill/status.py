@@ -97,6 +97,14 @@ def is_allowed(current: TaskStatus, target: TaskStatus) -> bool:
     return target in TRANSITIONS[current]
 
 
-def allowed_actions(status: TaskStatus) -> list[Action]:
-    """Return the actions a user may take on a task in ``status``, in a stable order."""
+def allowed_actions(
+    status: TaskStatus, pending: ControlRequest | None = None
+) -> list[Action]:
+    """Return the actions a user may take on a task, in a stable order.
+
+    A RUNNING task with a stop pending accepts only stop again: a pause can no
+    longer take effect.
+    """
+    if status == TaskStatus.RUNNING and pending == ControlRequest.STOP:
+        return [Action.STOP]
     return [action for action, accepted in ACTIONS.items() if status in accepted]

@@ -249,7 +249,10 @@ class ManifestDigest:
             "digest": self._sha256.hexdigest(),
         }
         if self.vanished:
-            result["vanished"] = [os.fsdecode(path) for path in self.vanished]
+            # Not os.fsdecode(): its surrogates cannot be stored or sent as JSON.
+            result["vanished"] = [
+                path.decode("utf-8", "backslashreplace") for path in self.vanished
+            ]
         return result
 
     def _append(self, lines: bytes) -> None:

@@ -1,0 +1,256 @@
+"""Task code and databases that misbehave: the manager records an outcome anyway."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+from sqlalchemy import event
+
+from taskmill import (
+    BaseTask,
+    InvalidParams,
+    NoParams,
+    TaskManager,
+    TaskStatus,
+    create_router,
+)
+from tests.conftest import eventually
+from tests.tasks import NoOp
+
+S = TaskStatus
+MakeManager = Callable[..., TaskManager]
+
+
+class RaiseParams(BaseModel):
+    error: str
+
+
+def make_error(name: str) -> BaseException:
+    errors: dict[str, BaseException] = {
+        "StopIteration": StopIteration(),
+        "GeneratorExit": GeneratorExit(),
+        "CancelledError": asyncio.CancelledError(),
+        "KeyboardInterrupt": KeyboardInterrupt(),
+        "SystemExit": SystemExit(3),
+    }
+    return errors[name]
+
+
+class RaiseInRun(BaseTask[RaiseParams]):
+    name = "raise_in_run"
+    params_model = RaiseParams
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> None:
+        raise make_error(self.params.error)
+
+    def post(self) -> None:
+        pass
+
+
+class RaiseInAsyncRun(BaseTask[RaiseParams]):
+    name = "raise_in_async_run"
+    params_model = RaiseParams
+
+    async def pre(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        raise make_error(self.params.error)
+
+    async def post(self) -> None:
+        pass
+
+
+ERRORS = [
+    "StopIteration",
+    "GeneratorExit",
+    "CancelledError",
+    "KeyboardInterrupt",
+    "SystemExit",
+]
+
+
+@pytest.mark.parametrize("error", ERRORS)
+@pytest.mark.parametrize("task_name", ["raise_in_run", "raise_in_async_run"])
+def test_unusual_exception_fails_task(
+    make_manager: MakeManager, task_name: str, error: str
+) -> None:
+    manager = make_manager(RaiseInRun, RaiseInAsyncRun, NoOp, max_workers=1)
+    failed = manager.wait(manager.create(task_name, {"error": error}).id, timeout=5)
+    assert failed.status == S.FAILED
+    assert failed.error is not None
+    assert failed.error.phase == "run"
+    # The slot is free again and the registry forgot the task.
+    assert manager.wait(manager.create("noop").id, timeout=5).status == S.FINISHED
+    eventually(lambda: not manager.live_task_ids())
+
+
+class Report(BaseTask[NoParams]):
+    name = "report"
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> str:
+        self.set_progress(50, message="reading caf\udce9")
+        self.checkpoint({"done": 1})
+        return "ok"
+
+    def post(self) -> None:
+        pass
+
+
+class ReturnSurrogate(BaseTask[NoParams]):
+    name = "return_surrogate"
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> str:
+        return "caf\udce9"
+
+    def post(self) -> None:
+        pass
+
+
+class FailWithSurrogate(BaseTask[NoParams]):
+    name = "fail_with_surrogate"
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> None:
+        raise ValueError("cannot read caf\udce9")
+
+    def post(self) -> None:
+        pass
+
+
+def test_surrogate_in_message_is_escaped(make_manager: MakeManager) -> None:
+    manager = make_manager(Report)
+    done = manager.wait(manager.create("report").id)
+    assert done.status == S.FINISHED
+    assert done.message == "reading caf\\udce9"
+
+
+def test_surrogate_in_result_fails_clearly(make_manager: MakeManager) -> None:
+    manager = make_manager(ReturnSurrogate)
+    failed = manager.wait(manager.create("return_surrogate").id)
+    assert failed.status == S.FAILED
+    assert failed.error is not None
+    assert "unpaired surrogate" in failed.error.message
+
+
+def test_surrogate_in_error_is_escaped(make_manager: MakeManager) -> None:
+    manager = make_manager(FailWithSurrogate)
+    failed = manager.wait(manager.create("fail_with_surrogate").id)
+    assert failed.error is not None
+    assert failed.error.message == "cannot read caf\\udce9"
+
+
+class AnyParams(BaseModel):
+    text: str
+
+
+class Echo(BaseTask[AnyParams]):
+    name = "echo"
+    params_model = AnyParams
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> str:
+        return self.params.text
+
+    def post(self) -> None:
+        pass
+
+
+def test_surrogate_in_params_rejected(make_manager: MakeManager) -> None:
+    manager = make_manager(Echo)
+    with pytest.raises(InvalidParams, match="unpaired surrogate"):
+        manager.create("echo", {"text": "caf\udce9"})
+    assert manager.list() == []
+
+
+@pytest.fixture
+def client(make_manager: MakeManager) -> Any:
+    manager = make_manager(Echo)
+    app = FastAPI()
+    app.include_router(create_router(manager))
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"name": NaN}',
+        b'{"name": "echo", "params": {"text": NaN}}',
+        b'{"name": "\\ud800"}',
+        b'{"name": "echo", "params": {"text": "\\ud800"}}',
+    ],
+)
+def test_unencodable_body_is_4xx(client: TestClient, body: bytes) -> None:
+    response = client.post(
+        "/tasks", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code in (404, 422), response.text
+
+
+def test_huge_offset_is_422(client: TestClient) -> None:
+    response = client.get("/tasks", params={"offset": 10**20})
+    assert response.status_code == 422
+
+
+def fail_writes(manager: TaskManager, marker: str, times: int) -> list[str]:
+    """Make the next ``times`` statements that contain ``marker`` fail, as a full disk does."""
+    failures: list[str] = []
+
+    @event.listens_for(manager.database.engine, "before_cursor_execute")
+    def fail(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if marker in str(parameters) and len(failures) < times:
+            failures.append(statement)
+            raise sqlite3.OperationalError("disk I/O error")
+
+    return failures
+
+
+def test_outcome_written_after_database_recovers(make_manager: MakeManager) -> None:
+    manager = make_manager(NoOp, progress_interval=0.05)
+    failures = fail_writes(manager, "'FINISHED'", times=3)
+    task = manager.create("noop")
+    finished = manager.wait(task.id, timeout=5)
+    assert finished.status == S.FINISHED
+    assert len(failures) == 3
+    eventually(lambda: not manager.live_task_ids())
+
+
+def test_outcome_not_written_stays_for_recovery(database_url: str) -> None:
+    manager = TaskManager(database_url, progress_interval=0.05)
+    manager.register(NoOp)
+    manager.startup()
+    failures = fail_writes(manager, "'FINISHED'", times=10_000)
+    task = manager.create("noop")
+    eventually(lambda: len(failures) >= 2)
+    manager.shutdown(grace=0.5)
+    # The run finished but could not say so: the next start runs it again.
+    again = TaskManager(database_url)
+    again.register(NoOp)
+    again.startup()
+    try:
+        info = again.wait(task.id, timeout=5)
+    finally:
+        again.shutdown()
+    assert info.status == S.FINISHED
+    assert info.recoveries == 1
