@@ -40,7 +40,7 @@ class TaskInfo(BaseModel):
         validation_alias="control",
         description="A pause or stop that the running task has not reached yet.",
     )
-    owner: str | None = Field(description="The runner of the current run.")
+    owner: str | None = Field(description="The runner of the current or last run.")
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
