@@ -60,6 +60,18 @@ def eventually(
         time.sleep(interval)
 
 
+def run_pipeline(directory: Path, command: str) -> bytes:
+    """Run a shell pipeline in ``directory`` and return its output."""
+    completed = subprocess.run(
+        ["bash", "-c", command],
+        cwd=directory,
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    return completed.stdout
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

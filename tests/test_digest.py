@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from taskmill.examples.digest import (
     list_files,
 )
 from taskmill.exceptions import PauseRequested
+from tests.conftest import run_pipeline
 
 # -r keeps xargs from running sha256sum on its empty stdin when there are no files.
 PIPELINE = "find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum"
@@ -56,17 +56,6 @@ class FakeRuntime:
 
     def act(self, action: str) -> Any:
         raise AssertionError("directory_digest does not act on itself")
-
-
-def run_pipeline(directory: Path, command: str) -> bytes:
-    completed = subprocess.run(
-        ["bash", "-c", command],
-        cwd=directory,
-        capture_output=True,
-        check=True,
-        timeout=30,
-    )
-    return completed.stdout
 
 
 def pipeline_digest(directory: Path) -> str:

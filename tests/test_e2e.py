@@ -14,7 +14,6 @@ import json
 import os
 import re
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, run_pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -74,17 +73,6 @@ def build_tree(root: Path) -> int:
     os.symlink(b"with space.txt", os.path.join(base, b"link to file"))
     os.symlink(b"d1", os.path.join(base, b"link to dir"))
     return count
-
-
-def run_pipeline(directory: Path, command: str) -> bytes:
-    completed = subprocess.run(
-        ["bash", "-c", command],
-        cwd=directory,
-        capture_output=True,
-        check=True,
-        timeout=30,
-    )
-    return completed.stdout
 
 
 @pytest.fixture(scope="module")

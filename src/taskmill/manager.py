@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from taskmill import crud
@@ -606,16 +605,7 @@ class TaskManager:
                 # An outcome the database still rejects stays unwritten: the
                 # task is RUNNING in the database and is recovered at startup.
                 continue
-            run.abandoned = True
-            try:
-                self._suspend_abandoned(run)
-            except SQLAlchemyError:
-                logger.exception(
-                    "Task %s (%s) could not be put back to PENDING; it is "
-                    "recovered at the next startup",
-                    run.task_id,
-                    run.live.name,
-                )
+            self._suspend_abandoned(run)
         pending = [*self._runs, *([self._flusher] if self._flusher else [])]
         for task in pending:
             task.cancel()
@@ -623,37 +613,17 @@ class TaskManager:
             await asyncio.wait(pending, timeout=1.0)
 
     def _suspend_abandoned(self, run: Run) -> None:
-        reason = (
-            "suspended: the runner shut down before the task reached a checkpoint; "
-            "resumes from its last checkpoint"
-        )
-        values: dict[str, Any] = {
-            "owner": None,
-            "control": None,
-            "progress": run.progress,
-        }
-        try:
-            with run.write_lock, self.database.write() as session:
-                control = crud.get_task(session, run.task_id).control
-                status, reason, values = honour_request(
-                    control, TaskStatus.PENDING, reason, values
-                )
-                crud.change_status(
-                    session,
-                    run.task_id,
-                    status,
-                    reason=reason,
-                    run=run.token,
-                    values=values,
-                )
-        except crud.RunLost:
-            return
         logger.warning(
             "Task %s (%s) did not reach a checkpoint within the shutdown grace; "
             "it goes back to PENDING",
             run.task_id,
             run.live.name,
             extra={"event": "task.suspended", "task_id": run.task_id},
+        )
+        run.abandoned = True
+        run.suspend(
+            "suspended: the runner shut down before the task reached a checkpoint; "
+            "resumes from its last checkpoint"
         )
 
 

@@ -317,6 +317,11 @@ class Run:
         )
         return self._end(TaskStatus.PENDING, reason, base | {"owner": None})
 
+    def suspend(self, reason: str) -> TaskStatus | None:
+        """Put the task back to PENDING for a run that its hooks cannot end."""
+        values = {"owner": None, "control": None, "progress": self.progress}
+        return self._end(TaskStatus.PENDING, reason, values)
+
     def retry_outcome(self) -> TaskStatus | None:
         """Write the unrecorded outcome again; return its status once stored."""
         if self.unrecorded is None:
