@@ -115,10 +115,12 @@ class BackgroundTaskModel(Base):
     finished_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime]
 
+    # Lists are ordered by (created_at, id); these indexes let a filtered page
+    # stop after `limit` rows instead of sorting every match.
     __table_args__ = (
-        Index(None, "status", "created_at"),
-        Index(None, "name", "created_at"),
-        Index(None, "created_at"),
+        Index(None, "status", "created_at", "id"),
+        Index(None, "name", "created_at", "id"),
+        Index(None, "created_at", "id"),
     )
 
 
