@@ -52,12 +52,15 @@ class Database:
 
     def create_schema(self) -> None:
         """Create the tables and indexes that do not exist yet."""
-        Base.metadata.create_all(self.engine)
-        # create_all() adds indexes only with a new table; an older database
-        # gets the indexes that were added since it was created.
-        for table in Base.metadata.sorted_tables:
-            for index in table.indexes:
-                index.create(self.engine, checkfirst=True)
+        # One write transaction (BEGIN IMMEDIATE on SQLite), so that processes
+        # that start together do not both try to create the same table.
+        with self.engine.execution_options(taskmill_write=True).begin() as connection:
+            Base.metadata.create_all(connection)
+            # create_all() adds indexes only with a new table; an older database
+            # gets the indexes that were added since it was created.
+            for table in Base.metadata.sorted_tables:
+                for index in table.indexes:
+                    index.create(connection, checkfirst=True)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
