@@ -254,3 +254,96 @@ def test_outcome_not_written_stays_for_recovery(database_url: str) -> None:
         again.shutdown()
     assert info.status == S.FINISHED
     assert info.recoveries == 1
+
+
+class Checkpointing(BaseTask[NoParams]):
+    name = "checkpointing"
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> dict[str, int]:
+        done = self.state["step"] if self.state else 0
+        for step in range(done + 1, 6):
+            self.sleep(0.02)
+            self.checkpoint({"step": step})
+        return {"resumed_after": done}
+
+    def post(self) -> None:
+        pass
+
+
+def test_checkpoint_database_fault_suspends_run(make_manager: MakeManager) -> None:
+    manager = make_manager(Checkpointing, progress_interval=0.05, poll_interval=0.1)
+    # The third checkpoint fails as a full disk does; the run must go back
+    # to PENDING and resume after the second, not fail.
+    failures = fail_writes(manager, '"step": 3', times=1)
+    finished = manager.wait(manager.create("checkpointing").id, timeout=10)
+    assert failures
+    assert finished.status == S.FINISHED
+    assert finished.result == {"resumed_after": 2}
+    reasons = [event.reason for event in manager.events(finished.id)]
+    assert any("did not accept a checkpoint" in reason for reason in reasons)
+
+
+class MutatesResult(BaseTask[NoParams]):
+    name = "mutates_result"
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> dict[str, Any]:
+        return {"tags": ["a"]}
+
+    def post(self) -> None:
+        self.result["tags"] = {"not", "json"}
+
+
+def test_post_cannot_change_stored_result(make_manager: MakeManager) -> None:
+    manager = make_manager(MutatesResult)
+    done = manager.wait(manager.create("mutates_result").id, timeout=5)
+    assert done.status == S.FINISHED
+    assert done.result == {"tags": ["a"]}
+
+
+class SleepsOnLoop(BaseTask[NoParams]):
+    name = "sleeps_on_loop"
+
+    async def pre(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        self.sleep(1)
+
+    async def post(self) -> None:
+        pass
+
+
+def test_blocking_sleep_in_async_hook_fails(make_manager: MakeManager) -> None:
+    manager = make_manager(SleepsOnLoop)
+    failed = manager.wait(manager.create("sleeps_on_loop").id, timeout=5)
+    assert failed.status == S.FAILED
+    assert failed.error is not None
+    assert "asyncio.sleep" in failed.error.message
+
+
+class NestedWrite(BaseTask[NoParams]):
+    name = "nested_write"
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> None:
+        with self.database.write():
+            self.checkpoint({"inside": True})
+
+    def post(self) -> None:
+        pass
+
+
+def test_nested_write_fails_at_once(make_manager: MakeManager) -> None:
+    manager = make_manager(NestedWrite)
+    failed = manager.wait(manager.create("nested_write").id, timeout=5)
+    assert failed.status == S.FAILED
+    assert failed.error is not None
+    assert "already open on this thread" in failed.error.message

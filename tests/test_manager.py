@@ -485,3 +485,54 @@ def test_run_taken_back_ends_quietly(
     assert info.error is None
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert any("taken back" in r.getMessage() for r in caplog.records)
+
+
+def test_stopped_while_queued_leaves_registry(make_manager: MakeManager) -> None:
+    manager = make_manager(BlockingTask, Countdown, max_workers=1)
+    blocker = manager.create("blocking", {"seconds": 0.3})
+    queued = manager.create("countdown", {"seconds": 0, "steps": 1})
+    manager.stop(queued.id)
+    manager.wait(blocker.id)
+    eventually(lambda: not manager.live_task_ids())
+    assert status_of(manager, queued.id) == S.STOPPED
+
+
+def test_strict_params_round_trip(make_manager: MakeManager) -> None:
+    import uuid
+
+    from pydantic import BaseModel, ConfigDict
+
+    class StrictParams(BaseModel):
+        model_config = ConfigDict(strict=True)
+        ref: uuid.UUID
+
+    class Strict(BaseTask[StrictParams]):
+        name = "strict"
+        params_model = StrictParams
+
+        def pre(self) -> None: ...
+        def run(self) -> str:
+            return str(self.params.ref)
+
+        def post(self) -> None: ...
+
+    manager = make_manager(Strict)
+    ref = uuid.uuid4()
+    task = manager.create("strict", StrictParams(ref=ref))
+    assert manager.wait(task.id).result == str(ref)
+
+
+def test_memory_database_rejected_at_startup() -> None:
+    manager = TaskManager("sqlite://")
+    with pytest.raises(ValueError, match="in-memory"):
+        manager.startup()
+
+
+def test_shutdown_keeps_callers_database(database_url: str) -> None:
+    database = Database(database_url)
+    manager = TaskManager(database)
+    manager.register(Countdown)
+    manager.startup()
+    manager.shutdown()
+    with database.read() as session:
+        assert crud.list_tasks(session) == []

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+from taskmill._json import clean_text
 from taskmill.exceptions import (
     InvalidParams,
     InvalidTransition,
@@ -29,7 +30,6 @@ from taskmill.exceptions import (
     UnknownTaskType,
 )
 from taskmill.manager import TaskManager
-from taskmill.runner import clean_text
 from taskmill.schemas import TaskCreate, TaskEventInfo, TaskInfo, TaskTypeInfo
 from taskmill.status import Action, TaskStatus
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, insert, select, update
@@ -27,17 +28,19 @@ _tasks = cast(Table, BackgroundTaskModel.__table__)
 _events = cast(Table, TaskEventModel.__table__)
 
 #: Columns that a fresh run starts without.
-RUN_RESET: dict[str, Any] = {
-    "progress": 0.0,
-    "message": None,
-    "checkpoint": None,
-    "result": None,
-    "error": None,
-    "started_at": None,
-    "finished_at": None,
-    "control": None,
-    "owner": None,
-}
+RUN_RESET: Mapping[str, Any] = MappingProxyType(
+    {
+        "progress": 0.0,
+        "message": None,
+        "checkpoint": None,
+        "result": None,
+        "error": None,
+        "started_at": None,
+        "finished_at": None,
+        "control": None,
+        "owner": None,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +159,7 @@ def change_status(
     *,
     reason: str,
     run: RunToken | None = None,
-    values: dict[str, Any] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> Task:
     """Move a task to ``to``, set ``values`` and write the history row.
 

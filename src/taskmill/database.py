@@ -9,11 +9,12 @@ connection wrote meanwhile, whatever the busy timeout says.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,10 +41,27 @@ class Database:
         echo: bool = False,
     ) -> None:
         self.url = url
-        self.engine = create_engine(url, echo=echo)
+        options: dict[str, Any] = {}
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (
+            None,
+            "",
+            ":memory:",
+        ):
+            # Request threads, hook threads and the manager share the pool, and
+            # SQLite connections are cheap: never make a caller wait for one.
+            options["max_overflow"] = -1
+        self.engine = create_engine(url, echo=echo, **options)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        #: An in-memory SQLite database, which each connection sees apart.
+        self.is_memory = self.is_sqlite and self.engine.url.database in (
+            None,
+            "",
+            ":memory:",
+        )
         if self.is_sqlite:
             _configure_sqlite(self.engine, busy_timeout, synchronous)
+        self._local = threading.local()
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(
             self.engine.execution_options(taskmill_write=True),
@@ -69,9 +87,23 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """Open a write transaction; it commits when the block ends."""
-        with _transaction(self._writer) as session:
-            yield session
+        """Open a write transaction; it commits when the block ends.
+
+        Raises RuntimeError inside another write block on the same thread:
+        the inner one would wait for the outer one's lock until it timed out.
+        """
+        if getattr(self._local, "writing", False):
+            raise RuntimeError(
+                "A write transaction is already open on this thread, and a second "
+                "one would wait for it forever; write the rows in the first one "
+                "(in a task: pass them as checkpoint(state, effects=...))."
+            )
+        self._local.writing = True
+        try:
+            with _transaction(self._writer) as session:
+                yield session
+        finally:
+            self._local.writing = False
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -10,8 +10,9 @@
 
 Control flow inside a task (never raised to users, documented here so that
 they are not caught by mistake): ``PauseRequested``, ``StopRequested``,
-``SuspendRequested`` and ``RunTakenBack`` derive from ``BaseException`` so
-that task code which catches ``Exception`` cannot swallow them.
+``SuspendRequested``, ``DatabaseUnavailable`` and ``RunTakenBack`` derive
+from ``BaseException`` so that task code which catches ``Exception`` cannot
+swallow them.
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ class StopRequested(_ControlSignal):
 
 class SuspendRequested(_ControlSignal):
     """The manager is shutting down; the run goes back to PENDING."""
+
+
+class DatabaseUnavailable(_ControlSignal):
+    """A checkpoint failed because the database is unavailable; the run goes back to PENDING."""
 
 
 class RunTakenBack(_ControlSignal):

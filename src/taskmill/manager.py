@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
 import logging
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from taskmill import crud
+from taskmill._json import to_json_value
 from taskmill.database import DEFAULT_DATABASE_URL, Database
 from taskmill.exceptions import (
     InvalidParams,
@@ -26,16 +30,16 @@ from taskmill.exceptions import (
     UnknownTaskType,
 )
 from taskmill.models import utcnow
-from taskmill.runner import (
-    SUSPEND,
-    LiveTask,
-    Run,
-    check_json,
-    error_record,
-    honour_request,
-)
+from taskmill.outcome import Outcome, error_record, failed
+from taskmill.runner import LiveTask, Request, Run, Suspend
 from taskmill.schemas import TaskEventInfo, TaskInfo
-from taskmill.status import Action, ControlRequest, TaskStatus
+from taskmill.status import (
+    TERMINAL,
+    Action,
+    ControlRequest,
+    TaskStatus,
+    allowed_actions,
+)
 from taskmill.task import BaseTask
 
 logger = logging.getLogger(__name__)
@@ -74,6 +78,7 @@ class TaskManager:
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, got {max_workers!r}.")
+        self._owns_database = not isinstance(database, Database)
         self.database = (
             database if isinstance(database, Database) else Database(database)
         )
@@ -93,7 +98,7 @@ class TaskManager:
         #: Runs whose outcome the database failed to store; retried by upkeep.
         self._unrecorded: set[Run] = set()
         self._accepting = False
-        self._flusher: asyncio.Task[None] | None = None
+        self._upkeep: asyncio.Task[None] | None = None
 
     # -- task types --
 
@@ -130,14 +135,25 @@ class TaskManager:
         """
         if self._loop is not None:
             raise RuntimeError("The task manager is already running.")
+        if self.database.is_memory:
+            raise ValueError(
+                f"Cannot run tasks on {self.database.url!r}: an in-memory SQLite "
+                "database is private to each connection. Use a file, e.g. "
+                "'sqlite:///./taskmill.db'."
+            )
         self.database.create_schema()
+        self._restore()
         loop = asyncio.new_event_loop()
+        # One thread for the manager's own database work (claims, outcomes,
+        # upkeep), started now so that the thread count stays level later.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskmill-db")
+        executor.submit(lambda: None).result()
+        loop.set_default_executor(executor)
         self._thread = threading.Thread(
             target=loop.run_forever, name="taskmill-manager", daemon=True
         )
         self._loop = loop
         self._thread.start()
-        self._restore()
         self._accepting = True
         loop.call_soon_threadsafe(self._begin)
         logger.info(
@@ -170,17 +186,22 @@ class TaskManager:
                 "Task manager %s: the event loop did not respond within the "
                 "shutdown grace; tasks it ran stay RUNNING until the next startup",
                 self.runner_id,
+                extra={"event": "manager.stop_timed_out", "runner_id": self.runner_id},
             )
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
         if not loop.is_running():
+            # Also shuts down the database thread, without waiting for it.
             loop.close()
+
         self._loop = self._thread = None
         with self._lock:
             self._live.clear()
             self._queue.clear()
-        self.database.dispose()
+            self._unrecorded.clear()
+        if self._owns_database:
+            self.database.dispose()
         logger.info(
             "Task manager %s stopped",
             self.runner_id,
@@ -245,38 +266,20 @@ class TaskManager:
     def events(self, task_id: str) -> builtins.list[TaskEventInfo]:
         """Return the status history of a task, oldest first."""
         with self.database.read() as session:
-            return [
-                TaskEventInfo.model_validate(e)
-                for e in crud.list_events(session, task_id)
-            ]
+            events = crud.list_events(session, task_id)
+            return [TaskEventInfo.model_validate(event) for event in events]
 
     def start(self, task_id: str) -> TaskInfo:
         """Queue a task that is held or paused; its run resumes from its checkpoint."""
-        return self._resume(task_id, Action.START)
+        return self.act(task_id, Action.START)
 
     def resume(self, task_id: str) -> TaskInfo:
         """Same as ``start()``."""
-        return self._resume(task_id, Action.RESUME)
+        return self.act(task_id, Action.RESUME)
 
     def pause(self, task_id: str) -> TaskInfo:
         """Hold a PENDING task, or ask a RUNNING one to pause at its next checkpoint."""
-        with self.database.write() as session:
-            task = crud.get_task(session, task_id, for_update=True)
-            if task.status == TaskStatus.PENDING:
-                task = crud.change_status(
-                    session, task_id, TaskStatus.PAUSED, reason="paused by request"
-                )
-            elif (
-                task.status == TaskStatus.RUNNING
-                and task.control != ControlRequest.STOP
-            ):
-                task = crud.set_control(session, task_id, ControlRequest.PAUSE)
-            else:
-                _reject(task, Action.PAUSE)
-        if task.status == TaskStatus.RUNNING:
-            self._signal(task_id, ControlRequest.PAUSE, task.attempts)
-        self._log_request(task_id, task.name, Action.PAUSE)
-        return TaskInfo.model_validate(task)
+        return self.act(task_id, Action.PAUSE)
 
     def stop(self, task_id: str) -> TaskInfo:
         """End a PENDING or PAUSED task now, or a RUNNING one at its next checkpoint.
@@ -285,67 +288,54 @@ class TaskManager:
         be cancelled, so the task stays RUNNING with the request pending until
         the hook reaches a checkpoint or returns.
         """
-        with self.database.write() as session:
-            task = crud.get_task(session, task_id, for_update=True)
-            if task.status in (TaskStatus.PENDING, TaskStatus.PAUSED):
-                task = crud.change_status(
-                    session,
-                    task_id,
-                    TaskStatus.STOPPED,
-                    reason="stopped by request",
-                    values={
-                        "finished_at": utcnow(),
-                        "control": None,
-                        "checkpoint": None,
-                    },
-                )
-            elif task.status == TaskStatus.RUNNING:
-                task = crud.set_control(session, task_id, ControlRequest.STOP)
-            else:
-                _reject(task, Action.STOP)
-        if task.status == TaskStatus.RUNNING:
-            self._signal(task_id, ControlRequest.STOP, task.attempts)
-        else:
-            self._untrack(task_id)
-        self._log_request(task_id, task.name, Action.STOP)
-        return TaskInfo.model_validate(task)
+        return self.act(task_id, Action.STOP)
 
     def restart(self, task_id: str) -> TaskInfo:
         """Run a FINISHED, FAILED or STOPPED task again from the start, same id."""
-        with self.database.write() as session:
-            task = crud.get_task(session, task_id, for_update=True)
-            if not task.status.is_terminal:
-                _reject(task, Action.RESTART)
-            task = crud.change_status(
-                session,
-                task_id,
-                TaskStatus.PENDING,
-                reason=f"restarted by request after attempt {task.attempts}",
-                values=crud.RUN_RESET,
-            )
-        self._track(task_id, task.name, queue=True)
-        self._log_request(task_id, task.name, Action.RESTART)
-        return TaskInfo.model_validate(task)
+        return self.act(task_id, Action.RESTART)
 
     def act(self, task_id: str, action: Action | str) -> TaskInfo:
-        """Take a user action by name: start, resume, pause, stop or restart."""
-        handlers: dict[Action, Callable[[str], TaskInfo]] = {
-            Action.START: self.start,
-            Action.RESUME: self.resume,
-            Action.PAUSE: self.pause,
-            Action.STOP: self.stop,
-            Action.RESTART: self.restart,
-        }
-        return handlers[Action(action)](task_id)
+        """Take a user action by name: start, resume, pause, stop or restart.
+
+        The request is committed before this returns; a RUNNING task honours a
+        pause or stop at its next checkpoint, so the snapshot may still say
+        RUNNING with ``pending_request`` set.
+        """
+        action = Action(action)
+        with self.database.write() as session:
+            task = crud.get_task(session, task_id, for_update=True)
+            if action not in allowed_actions(task.status, task.control):
+                raise InvalidTransition(task.id, task.status, action, task.control)
+            if task.status == TaskStatus.RUNNING:
+                request = ControlRequest(action.value.upper())
+                task = crud.set_control(session, task_id, request)
+            else:
+                target, reason, values = _ACTION_RESULTS[action]
+                values = dict(values)
+                if target == TaskStatus.STOPPED:
+                    values["finished_at"] = utcnow()
+                task = crud.change_status(
+                    session, task_id, target, reason=reason, values=values
+                )
+        logger.info(
+            "Task %s (%s) %s requested",
+            task_id,
+            task.name,
+            action.value,
+            extra={"event": f"task.{action.value}_requested", "task_id": task_id},
+        )
+        if task.status == TaskStatus.RUNNING and task.control is not None:
+            self._signal(task_id, task.control, task.attempts)
+        elif task.status == TaskStatus.PENDING:
+            self._track(task_id, task.name, queue=True)
+        elif task.status.is_terminal:
+            self._untrack(task_id)
+        return TaskInfo.model_validate(task)
 
     def wait(
         self,
         task_id: str,
-        statuses: Iterable[TaskStatus] = (
-            TaskStatus.FINISHED,
-            TaskStatus.FAILED,
-            TaskStatus.STOPPED,
-        ),
+        statuses: Iterable[TaskStatus] = TERMINAL,
         timeout: float = 30.0,
         poll: float = 0.02,
     ) -> TaskInfo:
@@ -368,32 +358,6 @@ class TaskManager:
         with self._lock:
             return set(self._live)
 
-    def _resume(self, task_id: str, action: Action) -> TaskInfo:
-        with self.database.write() as session:
-            task = crud.get_task(session, task_id, for_update=True)
-            if task.status != TaskStatus.PAUSED:
-                _reject(task, action)
-            reason = (
-                "resumed by request"
-                if action == Action.RESUME
-                else "started by request"
-            )
-            task = crud.change_status(
-                session, task_id, TaskStatus.PENDING, reason=reason
-            )
-        self._track(task_id, task.name, queue=True)
-        self._log_request(task_id, task.name, action)
-        return TaskInfo.model_validate(task)
-
-    def _log_request(self, task_id: str, name: str, action: Action) -> None:
-        logger.info(
-            "Task %s (%s) %s requested",
-            task_id,
-            name,
-            action.value,
-            extra={"event": f"task.{action.value}_requested", "task_id": task_id},
-        )
-
     # -- the live registry and the queue --
 
     def _track(self, task_id: str, name: str, *, queue: bool) -> None:
@@ -413,7 +377,7 @@ class TaskManager:
                 del self._live[task_id]
 
     def _signal(
-        self, task_id: str, request: ControlRequest | str, attempt: int | None = None
+        self, task_id: str, request: Request, attempt: int | None = None
     ) -> None:
         """Pass a request to the task's current run, if ``attempt`` is that run.
 
@@ -453,7 +417,7 @@ class TaskManager:
     # -- running, on the manager's loop --
 
     def _begin(self) -> None:
-        self._flusher = asyncio.ensure_future(self._maintain_forever())
+        self._upkeep = asyncio.ensure_future(self._upkeep_forever())
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -474,13 +438,26 @@ class TaskManager:
     def _run_done(self, run: asyncio.Task[Any]) -> None:
         self._runs.discard(run)
         if not run.cancelled() and run.exception() is not None:
-            logger.error("Task runner crashed", exc_info=run.exception())
+            logger.error(
+                "Task runner crashed",
+                exc_info=run.exception(),
+                extra={"event": "runner.crashed", "runner_id": self.runner_id},
+            )
         self._dispatch()
 
     async def _execute(self, live: LiveTask) -> None:
-        with self.database.write() as session:
-            reason = f"claimed by {self.runner_id}"
-            task = crud.claim_task(session, live.task_id, self.runner_id, reason=reason)
+        try:
+            task = await asyncio.to_thread(self._claim, live.task_id)
+        except SQLAlchemyError as exc:
+            logger.warning(
+                "Task %s (%s): claiming it failed (%s); it stays PENDING and is "
+                "queued again by the next poll",
+                live.task_id,
+                live.name,
+                exc,
+                extra={"event": "task.claim_failed", "task_id": live.task_id},
+            )
+            return
         if task is None:
             return
         run = Run(
@@ -503,15 +480,35 @@ class TaskManager:
             task.attempts,
             extra={"event": "task.started", "task_id": task.id, "task_name": task.name},
         )
-        status = await run.execute(task.params, task.checkpoint)
+        try:
+            status = await run.execute(task.params, task.checkpoint)
+        except Exception as exc:
+            # A fault in taskmill itself, not in the task: still end the run.
+            logger.exception(
+                "Task %s (%s): the runner failed",
+                task.id,
+                task.name,
+                extra={"event": "runner.crashed", "task_id": task.id},
+            )
+            outcome = failed(error_record(exc, "runner"), run.progress, run.message)
+            status = await asyncio.to_thread(run.record, outcome)
         self._after_run(run, status)
+
+    def _claim(self, task_id: str) -> crud.Task | None:
+        """Claim a queued task; forget it if it ended while it waited in the queue."""
+        with self.database.write() as session:
+            reason = f"claimed by {self.runner_id}"
+            task = crud.claim_task(session, task_id, self.runner_id, reason=reason)
+            if task is None and crud.get_task(session, task_id).status.is_terminal:
+                self._untrack(task_id)
+        return task
 
     def _after_run(self, run: Run, status: TaskStatus | None) -> None:
         """Update the registry once a run's outcome is stored (or given up)."""
         live = run.live
         with self._lock:
             if run.unrecorded is not None:
-                # The database failed: the run keeps its slot in the registry
+                # The database failed: the run keeps its place in the registry
                 # until the upkeep loop stores the outcome.
                 self._unrecorded.add(run)
                 return
@@ -525,32 +522,40 @@ class TaskManager:
             if ended and not live.queued and self._live.get(live.task_id) is live:
                 del self._live[live.task_id]
         if status == TaskStatus.PENDING and self._accepting:
+            # Suspended because the database failed: queue it again.
             self._track(live.task_id, live.name, queue=True)
 
-    async def _maintain_forever(self) -> None:
+    async def _upkeep_forever(self) -> None:
         """Flush progress every ``progress_interval``; adopt tasks every ``poll_interval``."""
         next_poll = time.monotonic() + self.poll_interval
         failing = False
         while True:
             await asyncio.sleep(self.progress_interval)
+            adopt = time.monotonic() >= next_poll
+            if adopt:
+                next_poll = time.monotonic() + self.poll_interval
             try:
-                self._retry_unrecorded()
-                self._flush_progress()
-                if time.monotonic() >= next_poll:
-                    next_poll = time.monotonic() + self.poll_interval
-                    self._adopt_pending()
+                # Off the loop: each write may wait for the database's lock.
+                await asyncio.to_thread(self._upkeep_once, adopt)
                 failing = False
             except Exception:
                 # Log the first failure in a row with its traceback, not one per interval.
                 if not failing:
                     logger.exception(
-                        "Task manager upkeep failed; retrying every interval"
+                        "Task manager upkeep failed; retrying every interval",
+                        extra={"event": "manager.upkeep_failed"},
                     )
                 failing = True
 
+    def _upkeep_once(self, adopt: bool) -> None:
+        self._retry_unrecorded()
+        self._flush_progress()
+        if adopt:
+            self._adopt_pending()
+
     def _retry_unrecorded(self) -> None:
         with self._lock:
-            runs = list(self._unrecorded)
+            runs = builtins.list(self._unrecorded)
         for run in runs:
             status = run.retry_outcome()
             if run.unrecorded is None:
@@ -595,9 +600,18 @@ class TaskManager:
         with self._lock:
             lives = [live for live in self._live.values() if live.run is not None]
         for live in lives:
-            self._signal(live.task_id, SUSPEND)
+            self._signal(live.task_id, Suspend.SUSPEND)
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=grace)
+        await asyncio.to_thread(self._suspend_remaining, lives)
+        pending = [*self._runs, *([self._upkeep] if self._upkeep else [])]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+
+    def _suspend_remaining(self, lives: builtins.list[LiveTask]) -> None:
+        """Put back to PENDING the runs that did not end within the grace."""
         self._retry_unrecorded()
         for live in lives:
             run = live.run
@@ -605,26 +619,32 @@ class TaskManager:
                 # An outcome the database still rejects stays unwritten: the
                 # task is RUNNING in the database and is recovered at startup.
                 continue
-            self._suspend_abandoned(run)
-        pending = [*self._runs, *([self._flusher] if self._flusher else [])]
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
+            logger.warning(
+                "Task %s (%s) did not reach a checkpoint within the shutdown grace; "
+                "it goes back to PENDING",
+                run.task_id,
+                live.name,
+                extra={"event": "task.suspended", "task_id": run.task_id},
+            )
+            run.abandoned = True
+            run.suspend(
+                "suspended: the runner shut down before the task reached a "
+                "checkpoint; resumes from its last checkpoint"
+            )
 
-    def _suspend_abandoned(self, run: Run) -> None:
-        logger.warning(
-            "Task %s (%s) did not reach a checkpoint within the shutdown grace; "
-            "it goes back to PENDING",
-            run.task_id,
-            run.live.name,
-            extra={"event": "task.suspended", "task_id": run.task_id},
-        )
-        run.abandoned = True
-        run.suspend(
-            "suspended: the runner shut down before the task reached a checkpoint; "
-            "resumes from its last checkpoint"
-        )
+
+#: Where an action moves a task that is not RUNNING: status, reason, values.
+_ACTION_RESULTS: dict[Action, tuple[TaskStatus, str, Mapping[str, Any]]] = {
+    Action.START: (TaskStatus.PENDING, "started by request", {}),
+    Action.RESUME: (TaskStatus.PENDING, "resumed by request", {}),
+    Action.PAUSE: (TaskStatus.PAUSED, "paused by request", {}),
+    Action.STOP: (
+        TaskStatus.STOPPED,
+        "stopped by request",
+        {"control": None, "checkpoint": None},
+    ),
+    Action.RESTART: (TaskStatus.PENDING, "restarted by request", crud.RUN_RESET),
+}
 
 
 def _check_task_class(task_class: Any) -> None:
@@ -649,6 +669,11 @@ def _check_task_class(task_class: Any) -> None:
 def _validate_params(
     task_class: type[BaseTask[Any]], params: Mapping[str, Any] | BaseModel | None
 ) -> dict[str, Any]:
+    """Validate params and return them as stored; raise ``InvalidParams``.
+
+    The stored JSON is validated again in JSON mode, as a run reads it, so
+    params that would not load back are rejected now rather than at run time.
+    """
     model = task_class.params_model
     try:
         if isinstance(params, model):
@@ -657,18 +682,16 @@ def _validate_params(
             validated = model.model_validate(params.model_dump())
         else:
             validated = model.model_validate(dict(params or {}))
-        stored: dict[str, Any] = validated.model_dump(mode="json")
-        check_json(stored, "Params")
+        stored: dict[str, Any] = to_json_value(
+            validated.model_dump(mode="json"), "Params"
+        )
+        model.model_validate_json(json.dumps(stored))
     except ValidationError as exc:
         raise InvalidParams(task_class.name, exc.errors(include_url=False)) from exc
     except (PydanticSerializationError, TypeError) as exc:
         error = {"loc": (), "msg": f"params must be JSON-serializable ({exc})"}
         raise InvalidParams(task_class.name, [error]) from exc
     return stored
-
-
-def _reject(task: crud.Task, action: Action) -> None:
-    raise InvalidTransition(task.id, task.status, action, task.control)
 
 
 def _recover(
@@ -682,25 +705,29 @@ def _recover(
         "control": None,
         "recoveries": task.recoveries + 1,
     }
-    status, reason, values = honour_request(
-        task.control, TaskStatus.PENDING, was, values
-    )
-    if status == TaskStatus.PENDING and not task_class.resumable:
-        status, reason = TaskStatus.FAILED, f"{was}; the task type is not resumable"
-        interrupted = RuntimeError(reason)
-        values["error"] = {
-            **error_record(interrupted, "recovery"),
+    outcome = Outcome(TaskStatus.PENDING, was, values).honouring(task.control)
+    if outcome.status == TaskStatus.PENDING and not task_class.resumable:
+        reason = f"{was}; the task type is not resumable"
+        error = {
+            **error_record(RuntimeError(reason), "recovery"),
             "type": "Interrupted",
         }
-        values["finished_at"] = utcnow()
-    elif status == TaskStatus.PENDING:
-        reason = f"{was}; resumes from its last checkpoint"
-    crud.change_status(session, task_id, status, reason=reason, values=values)
-    logger.warning(
+        values |= {"error": error, "finished_at": utcnow()}
+        outcome = Outcome(TaskStatus.FAILED, reason, values)
+    elif outcome.status == TaskStatus.PENDING:
+        outcome = Outcome(
+            TaskStatus.PENDING, f"{was}; resumes from its last checkpoint", values
+        )
+    crud.change_status(
+        session, task_id, outcome.status, reason=outcome.reason, values=outcome.values
+    )
+    level = logging.ERROR if outcome.status == TaskStatus.FAILED else logging.WARNING
+    logger.log(
+        level,
         "Task %s (%s) %s",
         task_id,
         task.name,
-        reason,
+        outcome.reason,
         extra={"event": "task.recovered", "task_id": task_id, "task_name": task.name},
     )
-    return status
+    return outcome.status

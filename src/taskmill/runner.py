@@ -1,28 +1,30 @@
-"""One run of one task: claim, call the hooks, and record how it ended."""
+"""One run of one task: call the hooks, serve the task's calls, record the outcome."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import inspect
 import json
 import logging
 import threading
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from taskmill import crud
+from taskmill._json import clean_text, to_json_value
 from taskmill.exceptions import (
+    DatabaseUnavailable,
     PauseRequested,
     RunTakenBack,
     StopRequested,
     SuspendRequested,
     _ControlSignal,
 )
-from taskmill.models import utcnow
+from taskmill.outcome import Outcome, error_record, failed, finished, on_request
 from taskmill.schemas import TaskInfo
 from taskmill.status import ControlRequest, TaskStatus
 from taskmill.task import BaseTask
@@ -35,8 +37,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The in-memory request that a manager shutting down sends to its runs.
-SUSPEND = "SUSPEND"
+
+class Suspend(enum.Enum):
+    """The in-memory request that a manager shutting down sends to its runs."""
+
+    SUSPEND = "SUSPEND"
+
+
+#: What a run may be asked to do: a stored request, or the manager's suspend.
+Request = ControlRequest | Suspend
 
 
 @dataclass(eq=False)
@@ -46,7 +55,7 @@ class LiveTask:
     task_id: str
     name: str
     #: A pause, stop or suspend that the current run must honour.
-    request: ControlRequest | str | None = None
+    request: Request | None = None
     run: Run | None = None
     queued: bool = False
 
@@ -77,12 +86,16 @@ class Run:
     phase: str = "pre"
     #: What ``run()`` returned, once it has.
     result: Any = None
-    #: An outcome (status, reason, values) that the database failed to store.
-    unrecorded: tuple[TaskStatus, str, dict[str, Any]] | None = None
+    #: An outcome that the database failed to store; the manager retries it.
+    unrecorded: Outcome | None = None
 
     @property
     def task_id(self) -> str:
         return self.live.task_id
+
+    @property
+    def database(self) -> Database:
+        return self.manager.database
 
     # -- called by the task, from a hook thread or the manager's loop --
 
@@ -98,18 +111,14 @@ class Run:
         self.dirty = True
         self.raise_if_requested("at a progress report")
 
-    @property
-    def database(self) -> Database:
-        return self.manager.database
-
     def save_checkpoint(
         self, state: Any, effects: Callable[[Session], object] | None = None
     ) -> None:
-        check_json(state, "Checkpoint state")
-        with self.write_lock, self.manager.database.write() as session:
-            if effects is not None:
-                effects(session)
-            try:
+        state = to_json_value(state, "Checkpoint state")
+        try:
+            with self.write_lock, self.database.write() as session:
+                if effects is not None:
+                    effects(session)
                 control = crud.save_checkpoint(
                     session,
                     self.task_id,
@@ -118,14 +127,33 @@ class Run:
                     progress=self.progress,
                     message=self.message,
                 )
-            except crud.RunLost:
-                raise RunTakenBack("at a checkpoint") from None
-            self.dirty = False
+                self.dirty = False
+        except crud.RunLost:
+            raise RunTakenBack("at a checkpoint") from None
+        except SQLAlchemyError as exc:
+            if not _is_transient(exc):
+                raise
+            # Not the task's fault: the run goes back to PENDING and resumes
+            # from its last checkpoint once the database is back.
+            logger.warning(
+                "Task %s (%s): a checkpoint failed (%s); the run is suspended",
+                self.task_id,
+                self.live.name,
+                exc.orig if isinstance(exc, DBAPIError) else exc,
+                extra=self._log_extra("task.checkpoint_failed"),
+            )
+            reason = f"the database did not accept a checkpoint ({type(exc).__name__})"
+            raise DatabaseUnavailable(reason) from exc
         if control is not None and self.live.request is None:
             self.live.request = control
         self.raise_if_requested("at a checkpoint")
 
     def sleep(self, seconds: float) -> None:
+        if self.task is not None and _on_loop(self.task):
+            raise RuntimeError(
+                "BaseTask.sleep() blocks, and this hook runs on the manager's event "
+                "loop; use `await asyncio.sleep(...)` in async hooks."
+            )
         self.wakeup.wait(seconds)
         self.raise_if_requested("in sleep()")
 
@@ -133,24 +161,27 @@ class Run:
         return self.manager.act(self.task_id, action)
 
     def raise_if_requested(self, where: str) -> None:
-        """Unwind the hooks if a request is pending; ``where`` goes into the history."""
+        """Unwind the hooks if a request is pending; ``where`` goes into the history.
+
+        Once ``run()`` has returned, ``post()`` only cleans up: requests no
+        longer unwind it, and the task finishes.
+        """
         request = self.live.request
+        if request is None or self.phase == "post":
+            return
         if request == ControlRequest.PAUSE:
             raise PauseRequested(where)
         if request == ControlRequest.STOP:
             raise StopRequested(where)
-        if request == SUSPEND:
-            raise SuspendRequested(where)
+        raise SuspendRequested(where)
 
     # -- called by the manager --
 
     def wake(self) -> None:
         """Tell the run that a request arrived; cancel an async hook on stop."""
         self.wakeup.set()
-        if self.task is not None and self.live.request in (
-            ControlRequest.STOP,
-            SUSPEND,
-        ):
+        stopping = self.live.request in (ControlRequest.STOP, Suspend.SUSPEND)
+        if self.task is not None and stopping:
             self.task.get_loop().call_soon_threadsafe(self._cancel_async_hook)
 
     def _cancel_async_hook(self) -> None:
@@ -165,7 +196,7 @@ class Run:
             return
         try:
             self.dirty = False
-            with self.manager.database.write() as session:
+            with self.database.write() as session:
                 crud.save_progress(
                     session, [(self.task_id, self.token, self.progress, self.message)]
                 )
@@ -175,10 +206,27 @@ class Run:
     async def execute(
         self, row_params: dict[str, Any], state: Any
     ) -> TaskStatus | None:
-        """Call the hooks and record the outcome; return the status the run ended in."""
+        """Call the hooks and record the outcome; return the status the run ended in.
+
+        None means that no outcome was stored: the task was taken back, or the
+        database failed and ``unrecorded`` holds the outcome to retry.
+        """
         self.task = asyncio.current_task()
+        outcome = await self._call_hooks(row_params, state)
+        if outcome is None:
+            return None
+        # Off the loop: the write may wait for the database's lock.
+        return await asyncio.to_thread(self.record, outcome)
+
+    async def _call_hooks(
+        self, row_params: dict[str, Any], state: Any
+    ) -> Outcome | None:
         try:
-            params = self.task_class.params_model.model_validate(row_params)
+            # JSON mode, as the params were stored: a UUID or a date in the
+            # stored JSON validates back even when the model is strict.
+            params = self.task_class.params_model.model_validate_json(
+                json.dumps(row_params)
+            )
             instance = self.task_class(
                 task_id=self.task_id, params=params, state=state, runtime=self
             )
@@ -190,7 +238,7 @@ class Run:
                 # One thread for the three hooks: a thread start costs more
                 # than a short task's whole run.
                 result, error = await _in_daemon_thread(
-                    lambda: self._call_hooks(instance)
+                    lambda: self._call_hooks_sync(instance)
                 )
                 if error is not None:
                     return self._settle(error)
@@ -198,48 +246,63 @@ class Run:
             return self._settle_cancelled(exc)
         except BaseException as exc:
             return self._settle(exc)
-        return self._finish(result)
+        return finished(result)
 
-    def _settle(self, exc: BaseException) -> TaskStatus | None:
-        """Record how a run that raised ends: on request, or FAILED."""
+    def _settle(self, exc: BaseException) -> Outcome | None:
+        """Return the outcome of a run whose hooks raised: on request, or FAILED."""
+        if isinstance(exc, RunTakenBack):
+            self._log_taken_back()
+            return None
         if isinstance(exc, _ControlSignal):
-            return self._end_on_request(exc)
-        keep = {"result": self.result} if self.phase == "post" else {}
-        return self._fail(exc, self.phase, keep)
+            return on_request(exc, self.progress, self.message)
+        error = error_record(exc, self.phase)
+        logger.error(
+            "Task %s (%s) failed in %s(): %s: %s",
+            self.task_id,
+            self.live.name,
+            self.phase,
+            error["type"],
+            error["message"],
+            exc_info=exc,
+            extra=self._log_extra("task.failed"),
+        )
+        result = self.result if self.phase == "post" else None
+        return failed(error, self.progress, self.message, result)
 
-    def _settle_cancelled(self, exc: asyncio.CancelledError) -> TaskStatus | None:
+    def _settle_cancelled(self, exc: asyncio.CancelledError) -> Outcome | None:
         if self.abandoned:
             return None
         where = "at an await in an async hook"
         if self.live.request == ControlRequest.STOP:
-            return self._end_on_request(StopRequested(where))
-        if self.live.request == SUSPEND:
-            return self._end_on_request(SuspendRequested(where))
+            return self._settle(StopRequested(where))
+        if self.live.request == Suspend.SUSPEND:
+            return self._settle(SuspendRequested(where))
         # Nobody cancelled the run: the task's own code raised it.
         return self._settle(exc)
 
-    def _call_hooks(self, instance: BaseTask[Any]) -> Any:
+    def _call_hooks_sync(self, instance: BaseTask[Any]) -> Any:
         instance.pre()
         self.phase = "run"
         result = instance.run()
         self._accept_result(instance, result)
         instance.post()
-        return result
+        return self.result
 
     async def _call_hooks_async(self, instance: BaseTask[Any]) -> Any:
         await self._call(instance.pre)
         self.phase = "run"
+        self.raise_if_requested("before run()")
         result = await self._call(instance.run)
         self._accept_result(instance, result)
         await self._call(instance.post)
-        return result
+        return self.result
 
     def _accept_result(self, instance: BaseTask[Any], result: Any) -> None:
         """Check what ``run()`` returned before ``post()`` is called."""
         if self.live.request == ControlRequest.STOP:
             raise StopRequested("after run() returned")
-        check_json(result, "The result")
-        instance.result = self.result = result
+        self.result = to_json_value(result, "The result")
+        instance.result = result
         self.phase = "post"
 
     async def _call(self, hook: Callable[[], Any]) -> Any:
@@ -254,79 +317,100 @@ class Run:
             raise error
         return result
 
-    # -- outcomes --
-
-    def _finish(self, result: Any) -> TaskStatus | None:
-        values = {
-            "result": result,
-            "progress": 100.0,
-            "checkpoint": None,
-            "finished_at": utcnow(),
-            "control": None,
-        }
-        return self._end(TaskStatus.FINISHED, "finished", values)
-
-    def _fail(
-        self, exc: BaseException, phase: str, values: dict[str, Any]
-    ) -> TaskStatus | None:
-        error = error_record(exc, phase)
-        logger.error(
-            "Task %s (%s) failed in %s(): %s: %s",
-            self.task_id,
-            self.live.name,
-            phase,
-            error["type"],
-            error["message"],
-            exc_info=exc,
-            extra={
-                "event": "task.failed",
-                "task_id": self.task_id,
-                "task_name": self.live.name,
-            },
-        )
-        values |= {
-            "error": error,
-            "progress": self.progress,
-            "message": self.message,
-            "finished_at": utcnow(),
-            "control": None,
-        }
-        return self._end(
-            TaskStatus.FAILED, f"failed in {phase}(): {type(exc).__name__}", values
-        )
-
-    def _end_on_request(self, signal: _ControlSignal) -> TaskStatus | None:
-        where = str(signal.args[0]) if signal.args else "during the run"
-        if isinstance(signal, RunTakenBack):
-            self._log_taken_back()
-            return None
-        base: dict[str, Any] = {
-            "progress": self.progress,
-            "message": self.message,
-            "control": None,
-        }
-        if isinstance(signal, PauseRequested):
-            values = base | {"owner": None}
-            return self._end(TaskStatus.PAUSED, f"paused {where}", values)
-        if isinstance(signal, StopRequested):
-            values = base | {"finished_at": utcnow(), "checkpoint": None}
-            return self._end(TaskStatus.STOPPED, f"stopped by request {where}", values)
-        reason = (
-            f"suspended {where} because the runner shut down; "
-            "resumes from its last checkpoint"
-        )
-        return self._end(TaskStatus.PENDING, reason, base | {"owner": None})
+    # -- recording the outcome, on a thread other than the loop --
 
     def suspend(self, reason: str) -> TaskStatus | None:
         """Put the task back to PENDING for a run that its hooks cannot end."""
         values = {"owner": None, "control": None, "progress": self.progress}
-        return self._end(TaskStatus.PENDING, reason, values)
+        return self.record(Outcome(TaskStatus.PENDING, reason, values))
 
     def retry_outcome(self) -> TaskStatus | None:
         """Write the unrecorded outcome again; return its status once stored."""
         if self.unrecorded is None:
             return None
-        return self._end(*self.unrecorded)
+        return self.record(self.unrecorded)
+
+    def record(self, outcome: Outcome) -> TaskStatus | None:
+        """Store the outcome; return the status written, or None if it was not.
+
+        When the database is unavailable, the outcome is kept in
+        ``unrecorded`` and the manager writes it again later, so the task does
+        not stay RUNNING. An outcome that the database rejects for another
+        reason is replaced by a FAILED one that says why.
+        """
+        try:
+            status = self._write(outcome)
+        except crud.RunLost:
+            self._log_taken_back()
+            self.unrecorded = None
+            return None
+        except SQLAlchemyError as exc:
+            if _is_transient(exc):
+                self._defer(outcome, exc)
+                return None
+            if (
+                outcome.status == TaskStatus.FAILED
+                and outcome.values["error"]["phase"] == "record"
+            ):
+                logger.exception(
+                    "Task %s (%s): its outcome cannot be stored; it stays RUNNING "
+                    "until the next startup recovers it",
+                    self.task_id,
+                    self.live.name,
+                    extra=self._log_extra("task.outcome_lost"),
+                )
+                self.unrecorded = None
+                return None
+            error = error_record(exc, "record")
+            logger.error(
+                "Task %s (%s): storing its outcome %s failed: %s",
+                self.task_id,
+                self.live.name,
+                outcome.status,
+                error["message"],
+                exc_info=exc,
+                extra=self._log_extra("task.failed"),
+            )
+            return self.record(failed(error, self.progress, self.message))
+        self.unrecorded = None
+        logger.info(
+            "Task %s (%s) is %s: %s",
+            self.task_id,
+            self.live.name,
+            status,
+            outcome.reason,
+            extra=self._log_extra(f"task.{status.lower()}"),
+        )
+        return status
+
+    def _write(self, outcome: Outcome) -> TaskStatus:
+        with self.write_lock, self.database.write() as session:
+            if not outcome.status.is_terminal:
+                outcome = outcome.honouring(
+                    crud.get_task(session, self.task_id).control
+                )
+            crud.change_status(
+                session,
+                self.task_id,
+                outcome.status,
+                reason=outcome.reason,
+                run=self.token,
+                values=outcome.values,
+            )
+        return outcome.status
+
+    def _defer(self, outcome: Outcome, exc: SQLAlchemyError) -> None:
+        if self.unrecorded is None:
+            logger.warning(
+                "Task %s (%s): storing its outcome %s failed (%s); "
+                "retrying until the database accepts it",
+                self.task_id,
+                self.live.name,
+                outcome.status,
+                exc,
+                extra=self._log_extra("task.outcome_deferred"),
+            )
+        self.unrecorded = outcome
 
     def _log_taken_back(self) -> None:
         logger.warning(
@@ -334,127 +418,25 @@ class Run:
             "shutdown; the run ends without recording an outcome",
             self.task_id,
             self.live.name,
-            extra={"event": "run.lost", "task_id": self.task_id},
+            extra=self._log_extra("run.lost"),
         )
 
-    def _end(
-        self, status: TaskStatus, reason: str, values: dict[str, Any]
-    ) -> TaskStatus | None:
-        """Record the outcome; return the status written, or None if it was not.
-
-        When the database fails, the outcome is kept in ``unrecorded`` and the
-        manager writes it again later, so the task does not stay RUNNING.
-        """
-        try:
-            with self.write_lock, self.manager.database.write() as session:
-                if not status.is_terminal:
-                    control = crud.get_task(session, self.task_id).control
-                    status, reason, values = honour_request(
-                        control, status, reason, values
-                    )
-                crud.change_status(
-                    session,
-                    self.task_id,
-                    status,
-                    reason=reason,
-                    run=self.token,
-                    values=values,
-                )
-        except crud.RunLost:
-            self._log_taken_back()
-            self.unrecorded = None
-            return None
-        except SQLAlchemyError as exc:
-            if self.unrecorded is None:
-                logger.warning(
-                    "Task %s (%s): recording its outcome %s failed (%s); "
-                    "retrying until the database accepts it",
-                    self.task_id,
-                    self.live.name,
-                    status,
-                    exc,
-                    extra={"event": "task.outcome_deferred", "task_id": self.task_id},
-                )
-            self.unrecorded = (status, reason, values)
-            return None
-        self.unrecorded = None
-        logger.info(
-            "Task %s (%s) is %s: %s",
-            self.task_id,
-            self.live.name,
-            status,
-            reason,
-            extra={"event": f"task.{status.lower()}", "task_id": self.task_id},
-        )
-        return status
+    def _log_extra(self, event: str) -> dict[str, Any]:
+        return {"event": event, "task_id": self.task_id, "task_name": self.live.name}
 
 
-def honour_request(
-    control: ControlRequest | None,
-    status: TaskStatus,
-    reason: str,
-    values: dict[str, Any],
-) -> tuple[TaskStatus, str, dict[str, Any]]:
-    """Let a stored stop or pause request decide where an unfinished run goes.
-
-    A run that ends PAUSED may have received a stop after the pause it honoured.
-    A run that goes back to PENDING at shutdown honoured no request at all.
-    In both cases the stored request wins, so nothing a user asked for is lost.
-    """
-    if control == ControlRequest.STOP and status in (
-        TaskStatus.PAUSED,
-        TaskStatus.PENDING,
-    ):
-        values = values | {"finished_at": utcnow(), "checkpoint": None, "control": None}
-        return TaskStatus.STOPPED, f"{reason}; stopped as requested", values
-    if control == ControlRequest.PAUSE and status == TaskStatus.PENDING:
-        return (
-            TaskStatus.PAUSED,
-            f"{reason}; paused as requested",
-            values | {"control": None},
-        )
-    return status, reason, values
+def _is_transient(exc: SQLAlchemyError) -> bool:
+    """Tell a database that is unavailable for now from one that rejects the data."""
+    return isinstance(exc, OperationalError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
 
 
-def error_record(exc: BaseException, phase: str) -> dict[str, Any]:
-    """Describe a failure as the JSON stored in the task's ``error``."""
-    return {
-        "type": type(exc).__name__,
-        "message": clean_text(_message_of(exc)),
-        "traceback": clean_text("".join(traceback.format_exception(exc))),
-        "phase": phase,
-    }
-
-
-def _message_of(exc: BaseException) -> str:
-    # A task's exception may have a broken __str__; raising here would leave
-    # the task RUNNING with no outcome recorded.
+def _on_loop(task: asyncio.Task[Any]) -> bool:
     try:
-        return str(exc)
-    except Exception as str_error:
-        return f"<str() of the exception raised {type(str_error).__name__}>"
-
-
-def clean_text(text: str) -> str:
-    """Escape unpaired surrogates, which no database or JSON response can encode.
-
-    ``os.fsdecode()`` makes them of file names that are not UTF-8; other text
-    is returned unchanged.
-    """
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def check_json(value: Any, label: str) -> None:
-    """Raise TypeError unless ``value`` can be stored and returned as JSON."""
-    try:
-        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise TypeError(
-            f"{label} contains text with an unpaired surrogate ({exc.reason}); "
-            "decode bytes with errors='backslashreplace' instead of os.fsdecode()"
-        ) from exc
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{label} must be JSON-serializable: {exc}") from exc
+        return asyncio.get_running_loop() is task.get_loop()
+    except RuntimeError:
+        return False
 
 
 async def _in_daemon_thread(

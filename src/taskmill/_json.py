@@ -1,0 +1,34 @@
+"""JSON checks for what taskmill stores: params, checkpoints, results, text."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def clean_text(text: str) -> str:
+    """Escape unpaired surrogates, which no database or JSON response can encode.
+
+    ``os.fsdecode()`` makes them of file names that are not UTF-8; other text
+    is returned unchanged.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def to_json_value(value: Any, label: str) -> Any:
+    """Return a copy of ``value`` as JSON stores it; raise TypeError if it cannot be.
+
+    The copy keeps later changes to ``value`` (by a task's ``post()``, say)
+    out of what is stored.
+    """
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TypeError(
+            f"{label} contains text with an unpaired surrogate ({exc.reason}); "
+            "decode bytes with errors='backslashreplace' instead of os.fsdecode()"
+        ) from exc
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"{label} must be JSON-serializable: {exc}") from exc
+    return json.loads(text)
