@@ -298,7 +298,7 @@ class TaskManager:
         """Take a user action by name: start, resume, pause, stop or restart.
 
         The request is committed before this returns; a RUNNING task honours a
-        pause or stop at its next checkpoint, so the snapshot may still say
+        pause or stop at its next checkpoint, so the snapshot may still show
         RUNNING with ``pending_request`` set.
         """
         action = Action(action)
@@ -382,7 +382,7 @@ class TaskManager:
         """Pass a request to the task's current run, if ``attempt`` is that run.
 
         A request that arrives after its run ended is dropped: the database
-        holds it, and the next run reads it when it is claimed.
+        stores it, and the next run reads it when it is claimed.
         """
         with self._lock:
             live = self._live.get(task_id)
