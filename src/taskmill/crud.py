@@ -23,7 +23,8 @@ from taskmill.exceptions import InvalidTransition, TaskNotFound
 from taskmill.models import BackgroundTaskModel, TaskEventModel, utcnow
 from taskmill.status import INITIAL, ControlRequest, TaskStatus, is_allowed
 
-Task = BackgroundTaskModel
+#: The ORM model of a task row, by a shorter name.
+TaskRow = BackgroundTaskModel
 _tasks = cast(Table, BackgroundTaskModel.__table__)
 _events = cast(Table, TaskEventModel.__table__)
 
@@ -62,7 +63,7 @@ def create_task(
     params: dict[str, Any],
     status: TaskStatus = TaskStatus.PENDING,
     reason: str = "created",
-) -> Task:
+) -> TaskRow:
     if status not in INITIAL:
         raise ValueError(
             f"A task cannot be created as {status}; use PENDING or PAUSED."
@@ -70,7 +71,7 @@ def create_task(
     now = utcnow()
     task_id = str(uuid.uuid4())
     statement = (
-        insert(Task)
+        insert(TaskRow)
         .values(
             id=task_id,
             name=name,
@@ -82,16 +83,16 @@ def create_task(
             created_at=now,
             updated_at=now,
         )
-        .returning(Task)
+        .returning(TaskRow)
     )
     task = session.scalars(statement).one()
     _add_event(session, task_id, None, status, now, reason)
     return task
 
 
-def get_task(session: Session, task_id: str, *, for_update: bool = False) -> Task:
+def get_task(session: Session, task_id: str, *, for_update: bool = False) -> TaskRow:
     """Return the task with ``task_id``; raise ``TaskNotFound`` if there is none."""
-    statement = select(Task).where(Task.id == task_id)
+    statement = select(TaskRow).where(TaskRow.id == task_id)
     if for_update:
         statement = statement.with_for_update()
     task = session.scalars(statement).one_or_none()
@@ -107,14 +108,14 @@ def list_tasks(
     name: str | None = None,
     limit: int = 50,
     offset: int = 0,
-) -> list[Task]:
+) -> list[TaskRow]:
     """Return tasks newest first, filtered by status and name."""
-    statement = select(Task)
+    statement = select(TaskRow)
     if statuses:
-        statement = statement.where(Task.status.in_(statuses))
+        statement = statement.where(TaskRow.status.in_(statuses))
     if name is not None:
-        statement = statement.where(Task.name == name)
-    statement = statement.order_by(Task.created_at.desc(), Task.id.desc())
+        statement = statement.where(TaskRow.name == name)
+    statement = statement.order_by(TaskRow.created_at.desc(), TaskRow.id.desc())
     return list(session.scalars(statement.limit(limit).offset(offset)))
 
 
@@ -132,11 +133,13 @@ def list_events(session: Session, task_id: str) -> list[TaskEventModel]:
 def list_unfinished(session: Session) -> list[tuple[str, str, TaskStatus]]:
     """Return id, name and status of every PENDING, RUNNING or PAUSED task, oldest first."""
     statement = (
-        select(Task.id, Task.name, Task.status)
+        select(TaskRow.id, TaskRow.name, TaskRow.status)
         .where(
-            Task.status.in_([TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.PAUSED])
+            TaskRow.status.in_(
+                [TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.PAUSED]
+            )
         )
-        .order_by(Task.created_at, Task.id)
+        .order_by(TaskRow.created_at, TaskRow.id)
     )
     return [(row.id, row.name, row.status) for row in session.execute(statement)]
 
@@ -144,9 +147,9 @@ def list_unfinished(session: Session) -> list[tuple[str, str, TaskStatus]]:
 def list_queued(session: Session, *, limit: int) -> list[tuple[str, str]]:
     """Return id and name of the oldest PENDING tasks."""
     statement = (
-        select(Task.id, Task.name)
-        .where(Task.status == TaskStatus.PENDING)
-        .order_by(Task.created_at, Task.id)
+        select(TaskRow.id, TaskRow.name)
+        .where(TaskRow.status == TaskStatus.PENDING)
+        .order_by(TaskRow.created_at, TaskRow.id)
         .limit(limit)
     )
     return [(row.id, row.name) for row in session.execute(statement)]
@@ -160,7 +163,7 @@ def change_status(
     reason: str,
     run: RunToken | None = None,
     values: Mapping[str, Any] | None = None,
-) -> Task:
+) -> TaskRow:
     """Move a task to ``to``, set ``values`` and write the history row.
 
     Raises ``InvalidTransition`` when the transition table does not allow the
@@ -180,10 +183,10 @@ def change_status(
         raise InvalidTransition(task_id, previous, to)
     now = utcnow()
     statement = (
-        update(Task)
-        .where(Task.id == task_id)
+        update(TaskRow)
+        .where(TaskRow.id == task_id)
         .values(status=to, updated_at=now, **(values or {}))
-        .returning(Task)
+        .returning(TaskRow)
         .execution_options(populate_existing=True)
     )
     task = session.scalars(statement).one()
@@ -191,13 +194,15 @@ def change_status(
     return task
 
 
-def set_control(session: Session, task_id: str, request: ControlRequest | None) -> Task:
+def set_control(
+    session: Session, task_id: str, request: ControlRequest | None
+) -> TaskRow:
     """Store (or clear) the pause or stop request of a task."""
     statement = (
-        update(Task)
-        .where(Task.id == task_id)
+        update(TaskRow)
+        .where(TaskRow.id == task_id)
         .values(control=request, updated_at=utcnow())
-        .returning(Task)
+        .returning(TaskRow)
         .execution_options(populate_existing=True)
     )
     task = session.scalars(statement).one_or_none()
@@ -208,24 +213,24 @@ def set_control(session: Session, task_id: str, request: ControlRequest | None) 
 
 def claim_task(
     session: Session, task_id: str, owner: str, *, reason: str
-) -> Task | None:
+) -> TaskRow | None:
     """Move a PENDING task to RUNNING for ``owner``; return None if it is not PENDING.
 
     The claim is one conditional UPDATE, so two runners cannot both win it.
     """
     now = utcnow()
     statement = (
-        update(Task)
-        .where(Task.id == task_id, Task.status == TaskStatus.PENDING)
+        update(TaskRow)
+        .where(TaskRow.id == task_id, TaskRow.status == TaskStatus.PENDING)
         .values(
             status=TaskStatus.RUNNING,
             owner=owner,
-            attempts=Task.attempts + 1,
+            attempts=TaskRow.attempts + 1,
             started_at=now,
             finished_at=None,
             updated_at=now,
         )
-        .returning(Task)
+        .returning(TaskRow)
         .execution_options(populate_existing=True)
     )
     task = session.scalars(statement).one_or_none()
@@ -288,8 +293,8 @@ def get_controls(
     """Return the pending requests of those tasks that have one."""
     if not task_ids:
         return {}
-    statement = select(Task.id, Task.control).where(
-        Task.id.in_(task_ids), Task.control.is_not(None)
+    statement = select(TaskRow.id, TaskRow.control).where(
+        TaskRow.id.in_(task_ids), TaskRow.control.is_not(None)
     )
     return {row.id: row.control for row in session.execute(statement)}
 

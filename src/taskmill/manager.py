@@ -494,7 +494,7 @@ class TaskManager:
             status = await asyncio.to_thread(run.record, outcome)
         self._after_run(run, status)
 
-    def _claim(self, task_id: str) -> crud.Task | None:
+    def _claim(self, task_id: str) -> crud.TaskRow | None:
         """Claim a queued task; forget it if it ended while it waited in the queue."""
         with self.database.write() as session:
             reason = f"claimed by {self.runner_id}"
