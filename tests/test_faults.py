@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
-from sqlalchemy import event
+from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 
 from taskmill import (
     BaseTask,
+    Database,
     InvalidParams,
     NoParams,
     TaskManager,
@@ -347,3 +351,85 @@ def test_nested_write_fails_at_once(make_manager: MakeManager) -> None:
     assert failed.status == S.FAILED
     assert failed.error is not None
     assert "already open on this thread" in failed.error.message
+
+
+class BadEffects(BaseTask[NoParams]):
+    name = "bad_effects"
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> None:
+        self.checkpoint(
+            {"i": 1},
+            effects=lambda s: s.execute(text("INSERT INTO nowhere VALUES (1)")),
+        )
+
+    def post(self) -> None:
+        pass
+
+
+def test_bad_sql_in_effects_fails_task(make_manager: MakeManager) -> None:
+    manager = make_manager(BadEffects, poll_interval=0.05)
+    failed = manager.wait(manager.create("bad_effects").id, timeout=5)
+    assert failed.status == S.FAILED
+    assert failed.attempts == 1
+    assert failed.error is not None
+    assert "no such table" in failed.error.message
+
+
+def test_locked_database_answers_503(database_url: str) -> None:
+    database = Database(database_url, busy_timeout=0.2)
+    manager = TaskManager(database)
+    manager.register(Echo)
+    app = FastAPI(lifespan=manager.lifespan)
+    app.include_router(create_router(manager))
+    path = database_url.removeprefix("sqlite:///")
+    with TestClient(app) as client:
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            response = client.post(
+                "/tasks", json={"name": "echo", "params": {"text": "x"}}
+            )
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert response.status_code == 503
+        assert "retry later" in response.json()["detail"]
+        assert response.headers["retry-after"] == "1"
+        after = client.post("/tasks", json={"name": "echo", "params": {"text": "x"}})
+        assert after.status_code == 201
+
+
+def chattr(flag: str, *paths: str) -> bool:
+    done = subprocess.run(["chattr", flag, *paths], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def test_connections_recover_after_read_only_spell(
+    make_manager: MakeManager, database_url: str
+) -> None:
+    manager = make_manager(Echo)
+    path = database_url.removeprefix("sqlite:///")
+    manager.create("echo", {"text": "before"})
+    files = [path, path + "-wal"]
+    if not chattr("+i", *files):
+        pytest.skip("chattr +i is not supported on this file system")
+    try:
+        # Every connection opened now is read-only, and SQLite keeps it so.
+        manager.database.engine.dispose()
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            list(pool.map(lambda _: manager.list(), range(12)))
+    finally:
+        chattr("-i", *files)
+    failures = 0
+    for attempt in range(4):
+        try:
+            created = manager.create("echo", {"text": f"after {attempt}"})
+        except OperationalError:
+            failures += 1
+    # The first write may meet a read-only connection; the pool then
+    # replaces its connections, and the writes after it succeed.
+    assert failures <= 1
+    assert manager.wait(created.id, timeout=5).status == S.FINISHED

@@ -9,6 +9,7 @@ Mount it in an app whose lifespan runs the manager::
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
@@ -19,8 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from taskmill._json import clean_text
+from taskmill.database import is_transient
 from taskmill.exceptions import (
     InvalidParams,
     InvalidTransition,
@@ -32,6 +35,8 @@ from taskmill.exceptions import (
 from taskmill.manager import TaskManager
 from taskmill.schemas import TaskCreate, TaskEventInfo, TaskInfo, TaskTypeInfo
 from taskmill.status import Action, TaskStatus
+
+logger = logging.getLogger(__name__)
 
 #: The largest page that ``GET /tasks`` returns.
 MAX_PAGE = 500
@@ -165,6 +170,22 @@ class _TaskmillRoute(APIRoute):
                 return await handler(request)
             except TaskmillError as exc:
                 return _error_response(exc)
+            except SQLAlchemyError as exc:
+                if not is_transient(exc):
+                    raise
+                reason = exc.orig if isinstance(exc, DBAPIError) else exc
+                logger.warning(
+                    "Task database unavailable: %s",
+                    reason,
+                    extra={"event": "api.database_unavailable"},
+                )
+                return JSONResponse(
+                    {
+                        "detail": f"The task database is unavailable ({reason}); retry later."
+                    },
+                    status_code=503,
+                    headers={"Retry-After": "1"},
+                )
             except RequestValidationError as exc:
                 # FastAPI's own handler echoes the input back, and fails on a
                 # NaN or an unpaired surrogate in it.

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, make_url
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, ExceptionContext
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from taskmill.models import Base
@@ -134,6 +135,29 @@ def _transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+#: SQLite result codes that mean "unavailable for now", not "bad statement":
+#: sqlite3 raises OperationalError for both, e.g. for "no such table" too.
+_TRANSIENT_SQLITE_ERRORS = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_IOERR",
+    "SQLITE_READONLY",
+    "SQLITE_FULL",
+    "SQLITE_CANTOPEN",
+    "SQLITE_PROTOCOL",
+)
+
+
+def is_transient(exc: SQLAlchemyError) -> bool:
+    """Tell a database that is unavailable for now from one that rejects the statement."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    name = getattr(exc.orig, "sqlite_errorname", None)
+    return name is None or name.startswith(_TRANSIENT_SQLITE_ERRORS)
+
+
 def _configure_sqlite(engine: Engine, busy_timeout: float, synchronous: str) -> None:
     if synchronous.upper() not in {"NORMAL", "FULL"}:
         raise ValueError(
@@ -150,6 +174,14 @@ def _configure_sqlite(engine: Engine, busy_timeout: float, synchronous: str) -> 
         cursor.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        # A connection opened while the file was not writable stays read-only
+        # after it is writable again; as a disconnect, the pool replaces it.
+        name = getattr(context.original_exception, "sqlite_errorname", "")
+        if name.startswith("SQLITE_READONLY"):
+            context.is_disconnect = True
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:

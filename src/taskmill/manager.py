@@ -518,12 +518,11 @@ class TaskManager:
                 live.request = None
             # None: the task was taken back and is no longer this process's to
             # track. A restart that queued it again meanwhile keeps the entry.
+            # A run suspended because the database failed stays tracked, and
+            # the next poll queues it again: that interval is its backoff.
             ended = status is None or status.is_terminal
             if ended and not live.queued and self._live.get(live.task_id) is live:
                 del self._live[live.task_id]
-        if status == TaskStatus.PENDING and self._accepting:
-            # Suspended because the database failed: queue it again.
-            self._track(live.task_id, live.name, queue=True)
 
     async def _upkeep_forever(self) -> None:
         """Flush progress every ``progress_interval``; adopt tasks every ``poll_interval``."""

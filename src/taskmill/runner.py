@@ -12,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from taskmill import crud
 from taskmill._json import clean_text, to_json_value
+from taskmill.database import is_transient
 from taskmill.exceptions import (
     DatabaseUnavailable,
     PauseRequested,
@@ -131,7 +132,7 @@ class Run:
         except crud.RunLost:
             raise RunTakenBack("at a checkpoint") from None
         except SQLAlchemyError as exc:
-            if not _is_transient(exc):
+            if not is_transient(exc):
                 raise
             # Not the task's fault: the run goes back to PENDING and resumes
             # from its last checkpoint once the database is back.
@@ -345,7 +346,7 @@ class Run:
             self.unrecorded = None
             return None
         except SQLAlchemyError as exc:
-            if _is_transient(exc):
+            if is_transient(exc):
                 self._defer(outcome, exc)
                 return None
             if (
@@ -423,13 +424,6 @@ class Run:
 
     def _log_extra(self, event: str) -> dict[str, Any]:
         return {"event": event, "task_id": self.task_id, "task_name": self.live.name}
-
-
-def _is_transient(exc: SQLAlchemyError) -> bool:
-    """Tell a database that is unavailable for now from one that rejects the data."""
-    return isinstance(exc, OperationalError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
-    )
 
 
 def _on_loop(task: asyncio.Task[Any]) -> bool:
