@@ -3,7 +3,7 @@
 SQLite runs in WAL mode (readers beside one writer) with a busy timeout.
 Write transactions start with ``BEGIN IMMEDIATE``: one that began as a read
 and later writes fails at once with "database is locked" when another
-connection wrote meanwhile, whatever the busy timeout says.
+connection wrote meanwhile, whatever the busy timeout is.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Database:
             options["max_overflow"] = -1
         self.engine = create_engine(url, echo=echo, **options)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
-        #: An in-memory SQLite database, which each connection sees apart.
+        #: True for an in-memory SQLite database, which is private to each connection.
         self.is_memory = self.is_sqlite and self.engine.url.database in (
             None,
             "",

@@ -297,9 +297,9 @@ class TaskManager:
     def act(self, task_id: str, action: Action | str) -> TaskInfo:
         """Take a user action by name: start, resume, pause, stop or restart.
 
-        The request is committed before this returns; a RUNNING task honours a
-        pause or stop at its next checkpoint, so the snapshot may still show
-        RUNNING with ``pending_request`` set.
+        The request is committed before this returns. A RUNNING task honours a
+        pause or stop at its next checkpoint, so the returned snapshot may
+        still show RUNNING with ``pending_request`` set.
         """
         action = Action(action)
         with self.database.write() as session:
@@ -632,7 +632,7 @@ class TaskManager:
             )
 
 
-#: Where an action moves a task that is not RUNNING: status, reason, values.
+#: The status, history reason and values that an action gives a task that is not RUNNING.
 _ACTION_RESULTS: dict[Action, tuple[TaskStatus, str, Mapping[str, Any]]] = {
     Action.START: (TaskStatus.PENDING, "started by request", {}),
     Action.RESUME: (TaskStatus.PENDING, "resumed by request", {}),

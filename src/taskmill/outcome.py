@@ -1,4 +1,4 @@
-"""How a run ends: the status, the history reason and the columns to write."""
+"""Run outcomes: the final status, the history reason and the columns to write."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ class Suspend(enum.Enum):
     SUSPEND = "SUSPEND"
 
 
-#: What a run may be asked to do: a stored request, or the manager's suspend.
+#: A request a run honours: a stored pause or stop, or the manager's suspend.
 Request = ControlRequest | Suspend
 
 
@@ -210,7 +210,7 @@ class Run:
         """Call the hooks and record the outcome; return the status the run ended in.
 
         None means that no outcome was stored: the task was taken back, or the
-        database failed and ``unrecorded`` holds the outcome to retry.
+        database failed and ``unrecorded`` contains the outcome to retry.
         """
         self.task = asyncio.current_task()
         outcome = await self._call_hooks(row_params, state)
@@ -278,7 +278,7 @@ class Run:
             return self._settle(StopRequested(where))
         if self.live.request == Suspend.SUSPEND:
             return self._settle(SuspendRequested(where))
-        # Nobody cancelled the run: the task's own code raised it.
+        # The manager did not cancel the run, so the task's own code raised it.
         return self._settle(exc)
 
     def _call_hooks_sync(self, instance: BaseTask[Any]) -> Any:
@@ -337,7 +337,7 @@ class Run:
         When the database is unavailable, the outcome is kept in
         ``unrecorded`` and the manager writes it again later, so the task does
         not stay RUNNING. An outcome that the database rejects for another
-        reason is replaced by a FAILED one that says why.
+        reason is replaced by a FAILED one that gives the reason.
         """
         try:
             status = self._write(outcome)

@@ -11,7 +11,7 @@ from taskmill.status import Action, ControlRequest, TaskStatus, allowed_actions
 
 
 class TaskError(BaseModel):
-    """Why a task failed."""
+    """The failure of a task: exception type, message, traceback and phase."""
 
     #: The exception class, e.g. ``"ValueError"``.
     type: str
@@ -22,7 +22,7 @@ class TaskError(BaseModel):
 
 
 class TaskInfo(BaseModel):
-    """A snapshot of one task as the database holds it."""
+    """A snapshot of one task as stored in the database."""
 
     model_config = ConfigDict(from_attributes=True)
 

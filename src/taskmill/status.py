@@ -19,7 +19,7 @@ import enum
 
 
 class TaskStatus(enum.StrEnum):
-    """Where a task is in its lifecycle; the value is what the database stores."""
+    """The lifecycle status of a task; the value is what the database stores."""
 
     #: Waiting for a worker slot.
     PENDING = "PENDING"
@@ -47,7 +47,7 @@ class ControlRequest(enum.StrEnum):
 
 
 class Action(enum.StrEnum):
-    """What a user can ask of a task."""
+    """A user action on a task."""
 
     START = "start"
     RESUME = "resume"
