@@ -536,3 +536,36 @@ def test_shutdown_keeps_callers_database(database_url: str) -> None:
     manager.shutdown()
     with database.read() as session:
         assert crud.list_tasks(session) == []
+
+
+class AsyncSteps(BaseTask[NoParams]):
+    name = "async_steps"
+
+    async def pre(self) -> None: ...
+    async def run(self) -> dict[str, int]:
+        import asyncio
+
+        start = self.state["step"] if self.state else 0
+        for step in range(start + 1, 11):
+            await asyncio.sleep(0.03)
+            self.set_progress(step, 10)
+            await self.checkpoint_async({"step": step})
+        return {"resumed_after": start}
+
+    async def post(self) -> None: ...
+
+
+def test_async_checkpoint_pauses_and_resumes(make_manager: MakeManager) -> None:
+    manager = make_manager(AsyncSteps)
+    task = manager.create("async_steps")
+    eventually(lambda: manager.get(task.id).progress >= 30)
+    manager.pause(task.id)
+    paused = manager.wait(task.id, [S.PAUSED])
+    assert "paused at a " in reasons(manager, task.id)[-1]
+    with manager.database.read() as session:
+        saved = crud.get_task(session, task.id).checkpoint
+    assert saved is not None
+    manager.resume(task.id)
+    finished = manager.wait(task.id)
+    assert finished.result == {"resumed_after": saved["step"]}
+    assert paused.progress >= saved["step"] * 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import math
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -119,6 +120,17 @@ class BaseTask(abc.ABC, Generic[P]):
         again. Returns once the transaction has committed.
         """
         self._runtime.save_checkpoint(state, effects)
+        self.state = state
+
+    async def checkpoint_async(
+        self, state: Any, *, effects: Callable[[Session], object] | None = None
+    ) -> None:
+        """Save ``state`` like ``checkpoint()``, without blocking the event loop.
+
+        For ``async`` hooks: the write runs on the manager's database thread,
+        so other async tasks go on while it waits for the database's lock.
+        """
+        await asyncio.to_thread(self._runtime.save_checkpoint, state, effects)
         self.state = state
 
     def sleep(self, seconds: float) -> None:
