@@ -121,19 +121,19 @@ def test_nothing_stored_after_rejected_create(client: TestClient) -> None:
 
 
 def test_list_tasks_newest_first_with_filters(client: TestClient) -> None:
-    held = [create(client, start=False)["id"] for _ in range(3)]
+    held_ids = [create(client, start=False)["id"] for _ in range(3)]
     ran = create(client)["id"]
     wait_status(client, ran, "FINISHED")
     listed = client.get("/api/tasks").json()
-    assert [task["id"] for task in listed] == [ran, *held[::-1]]
+    assert [task["id"] for task in listed] == [ran, *held_ids[::-1]]
     paused = client.get("/api/tasks", params={"status": "PAUSED"}).json()
-    assert [task["id"] for task in paused] == held[::-1]
+    assert [task["id"] for task in paused] == held_ids[::-1]
     both = client.get(
         "/api/tasks", params=[("status", "PAUSED"), ("status", "FINISHED")]
     )
     assert len(both.json()) == 4
     page = client.get("/api/tasks", params={"limit": 2, "offset": 1}).json()
-    assert [task["id"] for task in page] == held[::-1][:2]
+    assert [task["id"] for task in page] == held_ids[::-1][:2]
     assert client.get("/api/tasks", params={"name": "blocking"}).json() == []
 
 

@@ -179,8 +179,8 @@ def test_stop_pending_and_paused(make_manager: MakeManager) -> None:
     manager = make_manager(BlockingTask, StepTask, max_workers=1)
     manager.create("blocking", {"seconds": 0.3})
     pending = manager.create("step", {"n": 2})
-    held = manager.create("step", {"n": 2}, start=False)
-    for task_id in (pending.id, held.id):
+    held_task = manager.create("step", {"n": 2}, start=False)
+    for task_id in (pending.id, held_task.id):
         stopped = manager.stop(task_id)
         assert stopped.status == S.STOPPED
         assert stopped.finished_at is not None
