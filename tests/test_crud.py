@@ -26,7 +26,7 @@ def make_task(database: Database, status: TaskStatus = S.PENDING) -> str:
 
 def claim(database: Database, task_id: str, owner: str = "r1") -> crud.RunToken:
     with database.write() as session:
-        task = crud.claim_task(session, task_id, owner, reason="claimed")
+        task = crud.claim_task(session, task_id, owner, reason="claimed", lease=60)
     assert task is not None
     return crud.RunToken(owner, task.attempts)
 
@@ -141,7 +141,7 @@ def test_claim_task_once(database: Database) -> None:
     task_id = make_task(database)
     token = claim(database, task_id)
     with database.write() as session:
-        second = crud.claim_task(session, task_id, "r2", reason="claimed")
+        second = crud.claim_task(session, task_id, "r2", reason="claimed", lease=60)
         task = crud.get_task(session, task_id)
     assert second is None
     assert token == crud.RunToken("r1", 1)
@@ -153,7 +153,7 @@ def test_claim_task_once(database: Database) -> None:
 def test_claim_skips_paused_task(database: Database) -> None:
     task_id = make_task(database, S.PAUSED)
     with database.write() as session:
-        assert crud.claim_task(session, task_id, "r1", reason="claimed") is None
+        assert crud.claim_task(session, task_id, "r1", reason="claimed", lease=60) is None
 
 
 def test_save_checkpoint_returns_pending_request(database: Database) -> None:

@@ -345,7 +345,9 @@ def test_startup_recovers_task_of_dead_process(database_url: str) -> None:
     create_ledger(database)
     with database.write() as session:
         task = crud.create_task(session, name="step", params={"n": 5, "step_s": 0})
-        claimed = crud.claim_task(session, task.id, "dead-runner", reason="claimed")
+        claimed = crud.claim_task(
+            session, task.id, "dead-runner", reason="claimed", lease=0
+        )
         assert claimed is not None
         token = crud.RunToken("dead-runner", claimed.attempts)
         crud.save_checkpoint(
@@ -378,7 +380,9 @@ def test_pending_request_survives_crash(
         task = crud.create_task(
             session, name="countdown", params={"seconds": 0, "steps": 1}
         )
-        crud.claim_task(session, task.id, "dead-runner", reason="claimed")
+        crud.claim_task(
+            session, task.id, "dead-runner", reason="claimed", lease=0
+        )
         crud.set_control(session, task.id, request_)
     manager = start_again(database_url, Countdown)
     try:
@@ -477,7 +481,9 @@ def test_run_taken_back_ends_quietly(
     with manager.database.write() as session:
         # What a second runner does when it recovers the task.
         crud.change_status(session, task.id, S.PENDING, reason="taken by another")
-        crud.claim_task(session, task.id, "other-runner", reason="claimed")
+        crud.claim_task(
+            session, task.id, "other-runner", reason="claimed", lease=60
+        )
     eventually(lambda: task.id not in manager.live_task_ids())
     info = manager.get(task.id)
     assert info.status == S.RUNNING

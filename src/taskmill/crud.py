@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, insert, select, update
+from sqlalchemy import Table, and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from taskmill.exceptions import InvalidTransition, TaskNotFound
@@ -40,6 +40,10 @@ RUN_RESET: Mapping[str, Any] = MappingProxyType(
         "finished_at": None,
         "control": None,
         "owner": None,
+        "failures": 0,
+        "lease_expires_at": None,
+        "heartbeat_at": None,
+        "run_after": None,
     }
 )
 
@@ -144,15 +148,65 @@ def list_unfinished(session: Session) -> list[tuple[str, str, TaskStatus]]:
     return [(row.id, row.name, row.status) for row in session.execute(statement)]
 
 
-def list_queued(session: Session, *, limit: int) -> list[tuple[str, str]]:
-    """Return id and name of the oldest PENDING tasks."""
+def list_queued(
+    session: Session, *, limit: int
+) -> list[tuple[str, str, dt.datetime | None]]:
+    """Return id, name and ``run_after`` of the oldest PENDING tasks."""
     statement = (
-        select(TaskRow.id, TaskRow.name)
+        select(TaskRow.id, TaskRow.name, TaskRow.run_after)
         .where(TaskRow.status == TaskStatus.PENDING)
         .order_by(TaskRow.created_at, TaskRow.id)
         .limit(limit)
     )
-    return [(row.id, row.name) for row in session.execute(statement)]
+    return [(row.id, row.name, row.run_after) for row in session.execute(statement)]
+
+
+@dataclass(frozen=True, slots=True)
+class RunningTask:
+    """A RUNNING task as a runner that looks for lost runs sees it."""
+
+    id: str
+    name: str
+    owner: str | None
+    lease_expires_at: dt.datetime | None
+
+
+def list_running(session: Session) -> list[RunningTask]:
+    """Return every RUNNING task with its owner and lease."""
+    statement = select(
+        TaskRow.id, TaskRow.name, TaskRow.owner, TaskRow.lease_expires_at
+    ).where(TaskRow.status == TaskStatus.RUNNING)
+    return [
+        RunningTask(row.id, row.name, row.owner, row.lease_expires_at)
+        for row in session.execute(statement)
+    ]
+
+
+def renew_leases(session: Session, owner: str, *, lease: float) -> None:
+    """Extend the lease of every run that ``owner`` holds."""
+    expires = utcnow() + dt.timedelta(seconds=lease)
+    statement = (
+        update(_tasks)
+        .where(
+            _tasks.c.owner == owner,
+            _tasks.c.status == TaskStatus.RUNNING.value,
+        )
+        .values(lease_expires_at=expires)
+    )
+    session.execute(statement)
+
+
+def expire_leases(session: Session, owner: str) -> None:
+    """End the leases that ``owner`` holds now, so another runner may take the runs."""
+    statement = (
+        update(_tasks)
+        .where(
+            _tasks.c.owner == owner,
+            _tasks.c.status == TaskStatus.RUNNING.value,
+        )
+        .values(lease_expires_at=utcnow())
+    )
+    session.execute(statement)
 
 
 def change_status(
@@ -182,10 +236,14 @@ def change_status(
     if not is_allowed(previous, to):
         raise InvalidTransition(task_id, previous, to)
     now = utcnow()
+    values = dict(values or {})
+    if to != TaskStatus.RUNNING:
+        # Only a RUNNING task has an owner that holds a lease.
+        values.setdefault("lease_expires_at", None)
     statement = (
         update(TaskRow)
         .where(TaskRow.id == task_id)
-        .values(status=to, updated_at=now, **(values or {}))
+        .values(status=to, updated_at=now, **values)
         .returning(TaskRow)
         .execution_options(populate_existing=True)
     )
@@ -212,20 +270,28 @@ def set_control(
 
 
 def claim_task(
-    session: Session, task_id: str, owner: str, *, reason: str
+    session: Session, task_id: str, owner: str, *, reason: str, lease: float
 ) -> TaskRow | None:
-    """Move a PENDING task to RUNNING for ``owner``; return None if it is not PENDING.
+    """Move a PENDING task to RUNNING for ``owner``, with a lease of ``lease`` seconds.
 
-    The claim is one conditional UPDATE, so two runners cannot both win it.
+    Returns None if the task is not PENDING, or waits for the backoff of a
+    retry. The claim is one conditional UPDATE, so two runners cannot both win it.
     """
     now = utcnow()
     statement = (
         update(TaskRow)
-        .where(TaskRow.id == task_id, TaskRow.status == TaskStatus.PENDING)
+        .where(
+            TaskRow.id == task_id,
+            TaskRow.status == TaskStatus.PENDING,
+            or_(TaskRow.run_after.is_(None), TaskRow.run_after <= now),
+        )
         .values(
             status=TaskStatus.RUNNING,
             owner=owner,
             attempts=TaskRow.attempts + 1,
+            lease_expires_at=now + dt.timedelta(seconds=lease),
+            heartbeat_at=now,
+            run_after=None,
             started_at=now,
             finished_at=None,
             updated_at=now,
@@ -253,6 +319,7 @@ def save_checkpoint(
 
     Raises ``RunLost`` when the run no longer owns the task.
     """
+    now = utcnow()
     statement = (
         update(_tasks)
         .where(_owned_by(run, task_id))
@@ -260,7 +327,8 @@ def save_checkpoint(
             checkpoint=checkpoint,
             progress=progress,
             message=message,
-            updated_at=utcnow(),
+            heartbeat_at=now,
+            updated_at=now,
         )
         .returning(_tasks.c.control)
     )
@@ -283,7 +351,9 @@ def save_progress(
         session.execute(
             update(_tasks)
             .where(_owned_by(run, task_id))
-            .values(progress=progress, message=message, updated_at=now)
+            .values(
+                progress=progress, message=message, heartbeat_at=now, updated_at=now
+            )
         )
 
 

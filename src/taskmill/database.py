@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, inspect, make_url
 from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateColumn
 
 from taskmill.models import Base
 
@@ -77,6 +78,7 @@ class Database:
             Base.metadata.create_all(connection)
             # create_all() adds indexes only with a new table; an older database
             # gets the indexes that were added since it was created.
+            _add_missing_columns(connection)
             for table in Base.metadata.sorted_tables:
                 for index in table.indexes:
                     index.create(connection, checkfirst=True)
@@ -108,6 +110,25 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _add_missing_columns(connection: Connection) -> None:
+    """Add the columns that were added to the models since the database was created.
+
+    NOTE: this covers added columns only (each nullable or with a server
+    default); changes of any other kind need real migrations.
+    """
+    inspector = inspect(connection)
+    for table in Base.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            definition = CreateColumn(column).compile(dialect=connection.dialect)
+            logger.info("Adding column %s.%s", table.name, column.name)
+            connection.exec_driver_sql(
+                f"ALTER TABLE {table.name} ADD COLUMN {definition}"
+            )
 
 
 @contextmanager

@@ -10,7 +10,8 @@
 
 Control flow inside a task (never raised to users, documented here so that
 they are not caught by mistake): ``PauseRequested``, ``StopRequested``,
-``SuspendRequested``, ``DatabaseUnavailable`` and ``RunTakenBack`` derive
+``SuspendRequested``, ``DatabaseUnavailable``, ``TimeLimitExceeded`` and
+``RunTakenBack`` derive
 from ``BaseException`` so that task code which catches ``Exception`` cannot
 swallow them.
 """
@@ -117,6 +118,10 @@ class SuspendRequested(_ControlSignal):
 
 class DatabaseUnavailable(_ControlSignal):
     """A checkpoint failed because the database is unavailable; the run goes back to PENDING."""
+
+
+class TimeLimitExceeded(_ControlSignal):
+    """The run exceeded its task type's ``timeout``; it ends FAILED."""
 
 
 class RunTakenBack(_ControlSignal):

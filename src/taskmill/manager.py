@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import datetime as dt
+import functools
 import json
 import logging
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from pydantic_core import PydanticSerializationError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from taskmill import crud
+from taskmill import crud, runners
 from taskmill._json import to_json_value
 from taskmill.database import DEFAULT_DATABASE_URL, Database
 from taskmill.exceptions import (
@@ -31,7 +32,7 @@ from taskmill.exceptions import (
 )
 from taskmill.models import utcnow
 from taskmill.outcome import Outcome, error_record, failed
-from taskmill.runner import LiveTask, Request, Run, Suspend
+from taskmill.runner import LiveTask, Request, Run, RunnerRequest
 from taskmill.schemas import TaskEventInfo, TaskInfo
 from taskmill.status import (
     TERMINAL,
@@ -57,14 +58,23 @@ class TaskManager:
     max_workers:
         How many tasks run at once. Plain hooks run on threads, ``async``
         hooks on the manager's own event loop, which runs on its own thread so
-        that a task cannot stall the web server's loop.
+        that a task cannot stall the web server's loop. 0 makes a manager that
+        stores and controls tasks but runs none, for web processes that leave
+        the work to ``taskmill worker`` processes.
     progress_interval:
         Seconds between writes of the progress that tasks report.
     poll_interval:
-        Seconds between looks for PENDING tasks that another process stored.
+        Seconds between looks for PENDING tasks that another process stored,
+        and for runs of other processes whose lease expired.
     shutdown_grace:
         Seconds that ``shutdown()`` waits for running tasks to reach a
         checkpoint before it puts them back to PENDING regardless.
+    lease_duration:
+        Seconds that a claim holds a task. The manager renews the leases of
+        its runs every third of this; when a runner stops renewing (it died,
+        or its host did), another runner takes the task back once the lease
+        has expired. A runner on this host whose process is gone loses its
+        tasks at once.
     """
 
     def __init__(
@@ -75,9 +85,17 @@ class TaskManager:
         progress_interval: float = 0.5,
         poll_interval: float = 1.0,
         shutdown_grace: float = 10.0,
+        lease_duration: float = 60.0,
     ) -> None:
-        if max_workers < 1:
-            raise ValueError(f"max_workers must be at least 1, got {max_workers!r}.")
+        if max_workers < 0:
+            raise ValueError(
+                f"max_workers must be 0 (run no tasks) or more, got {max_workers!r}."
+            )
+        if not lease_duration > 0:
+            raise ValueError(
+                f"lease_duration must be a positive number of seconds, "
+                f"got {lease_duration!r}."
+            )
         self._owns_database = not isinstance(database, Database)
         self.database = (
             database if isinstance(database, Database) else Database(database)
@@ -86,8 +104,9 @@ class TaskManager:
         self.progress_interval = progress_interval
         self.poll_interval = poll_interval
         self.shutdown_grace = shutdown_grace
-        #: Identifies this process's runs in the ``owner`` column.
-        self.runner_id = f"runner-{uuid.uuid4().hex[:12]}"
+        self.lease_duration = lease_duration
+        #: Identifies this manager's runs in the ``owner`` column.
+        self.runner_id = runners.new_runner_id()
         self._types: dict[str, type[BaseTask[Any]]] = {}
         self._live: dict[str, LiveTask] = {}
         self._queue: deque[str] = deque()
@@ -97,6 +116,8 @@ class TaskManager:
         self._runs: set[asyncio.Task[Any]] = set()
         #: Runs whose outcome the database failed to store; retried by upkeep.
         self._unrecorded: set[Run] = set()
+        #: Timeout timers of the current runs, cancelled when a run ends.
+        self._deadlines: dict[Run, asyncio.TimerHandle] = {}
         self._accepting = False
         self._upkeep: asyncio.Task[None] | None = None
 
@@ -142,6 +163,15 @@ class TaskManager:
                 "'sqlite:///./taskmill.db'."
             )
         self.database.create_schema()
+        if not self.max_workers:
+            self._accepting = True
+            logger.info(
+                "Task manager %s started without running tasks (max_workers=0); "
+                "worker processes run them",
+                self.runner_id,
+                extra={"event": "manager.started", "runner_id": self.runner_id},
+            )
+            return
         self._restore()
         loop = asyncio.new_event_loop()
         # One thread for the manager's own database work (claims, outcomes,
@@ -173,6 +203,10 @@ class TaskManager:
         """
         loop = self._loop
         if loop is None:
+            if self._accepting:
+                # A manager with max_workers=0: nothing runs here.
+                self._accepting = False
+                self._finish_shutdown()
             return
         self._accepting = False
         grace = self.shutdown_grace if grace is None else grace
@@ -200,6 +234,9 @@ class TaskManager:
             self._live.clear()
             self._queue.clear()
             self._unrecorded.clear()
+        self._finish_shutdown()
+
+    def _finish_shutdown(self) -> None:
         if self._owns_database:
             self.database.dispose()
         logger.info(
@@ -360,14 +397,33 @@ class TaskManager:
 
     # -- the live registry and the queue --
 
-    def _track(self, task_id: str, name: str, *, queue: bool) -> None:
+    def _track(
+        self,
+        task_id: str,
+        name: str,
+        *,
+        queue: bool,
+        run_after: dt.datetime | None = None,
+    ) -> None:
+        """Track a task; queue it now, or at ``run_after`` if that is later."""
+        if not self.max_workers:
+            return
+        delay = 0.0 if run_after is None else (run_after - utcnow()).total_seconds()
         with self._lock:
             live = self._live.setdefault(task_id, LiveTask(task_id, name))
-            if queue and not live.queued:
+            if queue and delay <= 0 and not live.queued:
                 live.queued = True
                 self._queue.append(task_id)
-        if queue and self._loop is not None and self._accepting:
-            self._loop.call_soon_threadsafe(self._dispatch)
+        loop = self._loop
+        if not queue or loop is None or not self._accepting:
+            # Not queued before startup: the first poll queues tasks that are due.
+            return
+        if delay > 0:
+            # Claims compare run_after with the clock: 1 ms later, it has passed.
+            requeue = functools.partial(self._track, task_id, name, queue=True)
+            loop.call_soon_threadsafe(loop.call_later, delay + 0.001, requeue)
+        else:
+            loop.call_soon_threadsafe(self._dispatch)
 
     def _untrack(self, task_id: str) -> None:
         with self._lock:
@@ -395,24 +451,42 @@ class TaskManager:
         run.wake()
 
     def _restore(self) -> None:
-        """Load unfinished tasks and take back the runs of a process that died."""
-        with self.database.write() as session:
+        """Load unfinished tasks and take back the runs of runners that are gone.
+
+        A RUNNING task whose owner still holds its lease is left alone: its
+        runner may be alive in another process.
+        """
+        with self.database.read() as session:
             rows = crud.list_unfinished(session)
-            for task_id, name, status in rows:
-                task_class = self._types.get(name)
-                if task_class is None:
-                    logger.warning(
-                        "Task %s has unregistered type %r; it is left as %s",
-                        task_id,
-                        name,
-                        status,
-                        extra={"event": "task.unknown_type", "task_id": task_id},
-                    )
-                    continue
-                if status == TaskStatus.RUNNING:
-                    status = _recover(session, task_id, task_class)
-                if not status.is_terminal:
-                    self._track(task_id, name, queue=status == TaskStatus.PENDING)
+        for task_id, name, status in rows:
+            if name not in self._types:
+                logger.warning(
+                    "Task %s has unregistered type %r; it is left as %s",
+                    task_id,
+                    name,
+                    status,
+                    extra={"event": "task.unknown_type", "task_id": task_id},
+                )
+            elif status != TaskStatus.RUNNING:
+                # PENDING tasks in their retry backoff are queued by a later poll.
+                self._track(task_id, name, queue=status == TaskStatus.PENDING)
+        self._recover_lost()
+
+    def _recover_lost(self) -> None:
+        """Take back RUNNING tasks whose lease expired or whose runner is gone."""
+        with self.database.read() as session:
+            running = crud.list_running(session)
+        for row in running:
+            task_class = self._types.get(row.name)
+            if row.owner == self.runner_id or task_class is None:
+                continue
+            lost = runners.lease_lost(row.owner, row.lease_expires_at, utcnow())
+            if lost is None:
+                continue
+            with self.database.write() as session:
+                recovered = _recover(session, row, task_class, lost)
+            if recovered is not None and recovered[0] == TaskStatus.PENDING:
+                self._track(row.id, row.name, queue=True, run_after=recovered[1])
 
     # -- running, on the manager's loop --
 
@@ -468,11 +542,16 @@ class TaskManager:
             progress=task.progress,
             progress_floor=task.progress,
             message=task.message,
+            failures=task.failures,
         )
         with self._lock:
             live.run = run
             # The stored request, never one left in memory by an earlier run.
             live.request = task.control
+        timeout = run.task_class.timeout
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            self._deadlines[run] = loop.call_later(timeout, self._time_out, run)
         logger.info(
             "Task %s (%s) started, attempt %d",
             task.id,
@@ -492,14 +571,47 @@ class TaskManager:
             )
             outcome = failed(error_record(exc, "runner"), run.progress, run.message)
             status = await asyncio.to_thread(run.record, outcome)
+        finally:
+            deadline = self._deadlines.pop(run, None)
+            if deadline is not None:
+                deadline.cancel()
         self._after_run(run, status)
 
+    def _time_out(self, run: Run) -> None:
+        """Ask a run that exceeded its task type's ``timeout`` to end FAILED."""
+        with self._lock:
+            live = run.live
+            if live.run is not run or live.request in _OUTRANKS_TIMEOUT:
+                return
+            live.request = RunnerRequest.TIME_OUT
+        logger.warning(
+            "Task %s (%s) exceeded its time limit of %g s; it fails at its next "
+            "checkpoint, progress report or sleep()",
+            run.task_id,
+            live.name,
+            run.task_class.timeout,
+            extra={"event": "task.timed_out", "task_id": run.task_id},
+        )
+        run.wake()
+
     def _claim(self, task_id: str) -> crud.TaskRow | None:
-        """Claim a queued task; forget it if it ended while it waited in the queue."""
+        """Claim a queued task, or stop tracking it if another runner has it."""
         with self.database.write() as session:
             reason = f"claimed by {self.runner_id}"
-            task = crud.claim_task(session, task_id, self.runner_id, reason=reason)
-            if task is None and crud.get_task(session, task_id).status.is_terminal:
+            task = crud.claim_task(
+                session,
+                task_id,
+                self.runner_id,
+                reason=reason,
+                lease=self.lease_duration,
+            )
+            row = None if task is not None else crud.get_task(session, task_id)
+        if row is not None:
+            if row.status == TaskStatus.PENDING and row.run_after is not None:
+                # In its retry backoff: queued again when that has passed.
+                self._track(task_id, row.name, queue=True, run_after=row.run_after)
+            else:
+                # Ended, paused, or claimed by another runner meanwhile.
                 self._untrack(task_id)
         return task
 
@@ -525,17 +637,24 @@ class TaskManager:
                 del self._live[live.task_id]
 
     async def _upkeep_forever(self) -> None:
-        """Flush progress every ``progress_interval``; adopt tasks every ``poll_interval``."""
+        """Flush progress every ``progress_interval``, renew leases every third of
+        ``lease_duration``, and adopt or recover tasks every ``poll_interval``.
+        """
         next_poll = time.monotonic() + self.poll_interval
+        next_renewal = time.monotonic() + self.lease_duration / 3
         failing = False
         while True:
-            await asyncio.sleep(self.progress_interval)
-            adopt = time.monotonic() >= next_poll
+            await asyncio.sleep(min(self.progress_interval, self.poll_interval))
+            now = time.monotonic()
+            adopt = now >= next_poll
             if adopt:
-                next_poll = time.monotonic() + self.poll_interval
+                next_poll = now + self.poll_interval
+            renew = now >= next_renewal
+            if renew:
+                next_renewal = now + self.lease_duration / 3
             try:
                 # Off the loop: each write may wait for the database's lock.
-                await asyncio.to_thread(self._upkeep_once, adopt)
+                await asyncio.to_thread(self._upkeep_once, adopt, renew)
                 failing = False
             except Exception:
                 # Log the first failure in a row with its traceback, not one per interval.
@@ -546,10 +665,14 @@ class TaskManager:
                     )
                 failing = True
 
-    def _upkeep_once(self, adopt: bool) -> None:
+    def _upkeep_once(self, adopt: bool, renew: bool) -> None:
+        if renew:
+            with self.database.write() as session:
+                crud.renew_leases(session, self.runner_id, lease=self.lease_duration)
         self._retry_unrecorded()
         self._flush_progress()
         if adopt:
+            self._recover_lost()
             self._adopt_pending()
 
     def _retry_unrecorded(self) -> None:
@@ -569,15 +692,17 @@ class TaskManager:
         """
         with self.database.read() as session:
             rows = crud.list_queued(session, limit=self.max_workers * 64)
+        now = utcnow()
         with self._lock:
             idle = {
                 task_id
-                for task_id, _ in rows
+                for task_id, _, _ in rows
                 if (live := self._live.get(task_id)) is None
                 or not (live.queued or live.run)
             }
-        for task_id, name in rows:
-            if task_id in idle and name in self._types:
+        for task_id, name, run_after in rows:
+            due = run_after is None or run_after <= now
+            if task_id in idle and due and name in self._types:
                 self._track(task_id, name, queue=True)
 
     def _flush_progress(self) -> None:
@@ -599,7 +724,7 @@ class TaskManager:
         with self._lock:
             lives = [live for live in self._live.values() if live.run is not None]
         for live in lives:
-            self._signal(live.task_id, Suspend.SUSPEND)
+            self._signal(live.task_id, RunnerRequest.SUSPEND)
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=grace)
         await asyncio.to_thread(self._suspend_remaining, lives)
@@ -630,7 +755,23 @@ class TaskManager:
                 "suspended: the runner shut down before the task reached a "
                 "checkpoint; resumes from its last checkpoint"
             )
+        try:
+            with self.database.write() as session:
+                # Outcomes that could not be written: let the next runner take
+                # those tasks back now rather than when their leases run out.
+                crud.expire_leases(session, self.runner_id)
+        except SQLAlchemyError as exc:
+            logger.warning(
+                "Task manager %s could not release its leases (%s); other runners "
+                "take its tasks back when the leases expire",
+                self.runner_id,
+                exc,
+                extra={"event": "manager.release_failed", "runner_id": self.runner_id},
+            )
 
+
+#: Requests that a timeout does not replace: the run ends as they ask.
+_OUTRANKS_TIMEOUT = (ControlRequest.STOP, RunnerRequest.SUSPEND)
 
 #: The status, history reason and values that an action gives a task that is not RUNNING.
 _ACTION_RESULTS: dict[Action, tuple[TaskStatus, str, Mapping[str, Any]]] = {
@@ -694,39 +835,69 @@ def _validate_params(
 
 
 def _recover(
-    session: Session, task_id: str, task_class: type[BaseTask[Any]]
-) -> TaskStatus:
-    """Take back a RUNNING task whose process died; return its new status."""
-    task = crud.get_task(session, task_id, for_update=True)
-    was = f"interrupted: runner {task.owner} ended during attempt {task.attempts}"
+    session: Session,
+    seen: crud.RunningTask,
+    task_class: type[BaseTask[Any]],
+    lost: str,
+) -> tuple[TaskStatus, dt.datetime | None] | None:
+    """Take back a RUNNING task whose runner is gone or whose lease expired.
+
+    ``seen`` is the row as it was read before this write transaction; if the
+    run changed since (it ended, or its owner renewed the lease), nothing is
+    written and None is returned. Otherwise returns the new status and, for a
+    task that waits for its retry backoff, when it may run.
+    """
+    task = crud.get_task(session, seen.id, for_update=True)
+    now = utcnow()
+    if (
+        task.status != TaskStatus.RUNNING
+        or task.owner != seen.owner
+        or runners.lease_lost(task.owner, task.lease_expires_at, now) is None
+    ):
+        return None
+    failures = task.failures + 1
+    policy = task_class.retry
+    was = (
+        f"interrupted: runner {task.owner} ended during attempt {task.attempts} "
+        f"({lost}) at {task.progress:g} %"
+    )
     values: dict[str, Any] = {
         "owner": None,
         "control": None,
         "recoveries": task.recoveries + 1,
+        "failures": failures,
     }
     outcome = Outcome(TaskStatus.PENDING, was, values).honouring(task.control)
     if outcome.status == TaskStatus.PENDING and not task_class.resumable:
-        reason = f"{was}; the task type is not resumable"
-        error = {
-            **error_record(RuntimeError(reason), "recovery"),
-            "type": "Interrupted",
-        }
-        values |= {"error": error, "finished_at": utcnow()}
-        outcome = Outcome(TaskStatus.FAILED, reason, values)
-    elif outcome.status == TaskStatus.PENDING:
-        outcome = Outcome(
-            TaskStatus.PENDING, f"{was}; resumes from its last checkpoint", values
+        outcome = _interrupted(was, "the task type is not resumable", values)
+    elif outcome.status == TaskStatus.PENDING and failures >= policy.max_attempts:
+        detail = (
+            f"exceeded max attempts ({policy.max_attempts}), last attempt interrupted"
         )
+        outcome = _interrupted(was, detail, values)
+    elif outcome.status == TaskStatus.PENDING:
+        delay = policy.delay(failures)
+        values["run_after"] = now + dt.timedelta(seconds=delay)
+        reason = f"{was}; resumes from its last checkpoint in {delay:.1f} s"
+        outcome = Outcome(TaskStatus.PENDING, reason, values)
     crud.change_status(
-        session, task_id, outcome.status, reason=outcome.reason, values=outcome.values
+        session, task.id, outcome.status, reason=outcome.reason, values=outcome.values
     )
     level = logging.ERROR if outcome.status == TaskStatus.FAILED else logging.WARNING
     logger.log(
         level,
         "Task %s (%s) %s",
-        task_id,
+        task.id,
         task.name,
         outcome.reason,
-        extra={"event": "task.recovered", "task_id": task_id, "task_name": task.name},
+        extra={"event": "task.recovered", "task_id": task.id, "task_name": task.name},
     )
-    return outcome.status
+    return outcome.status, outcome.values.get("run_after")
+
+
+def _interrupted(was: str, detail: str, values: dict[str, Any]) -> Outcome:
+    """Return the FAILED outcome of an interrupted run that must not run again."""
+    reason = f"{was}; {detail}"
+    error = {**error_record(RuntimeError(reason), "recovery"), "type": "Interrupted"}
+    values = values | {"error": error, "finished_at": utcnow()}
+    return Outcome(TaskStatus.FAILED, reason, values)

@@ -106,10 +106,20 @@ class BackgroundTaskModel(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     #: How many times a run was taken back from a process that died.
     recoveries: Mapped[int] = mapped_column(Integer, default=0)
+    #: Runs that raised or died since the task was created or restarted;
+    #: the task type's retry policy bounds them.
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: A pause or stop that the running task has not honoured yet.
     control: Mapped[ControlRequest | None] = mapped_column(_enum(ControlRequest))
     #: Id of the runner that owns the current run.
     owner: Mapped[str | None] = mapped_column(String(64))
+    #: Until when the owner holds the run; another runner may take it back after.
+    lease_expires_at: Mapped[dt.datetime | None]
+    #: When the run last showed life (claim, progress report or checkpoint).
+    #: A run stuck in one step keeps an old value while its lease is renewed.
+    heartbeat_at: Mapped[dt.datetime | None]
+    #: A PENDING task is not claimed before this time (the backoff of a retry).
+    run_after: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime]
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]

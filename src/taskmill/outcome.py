@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,7 @@ class Outcome:
 def finished(result: Any) -> Outcome:
     values = {
         "result": result,
+        "error": None,
         "progress": 100.0,
         "checkpoint": None,
         "finished_at": utcnow(),
@@ -76,6 +78,35 @@ def failed(
     return Outcome(
         TaskStatus.FAILED, f"failed in {error['phase']}(): {error['type']}", values
     )
+
+
+def retry_later(
+    error: dict[str, Any],
+    *,
+    failures: int,
+    max_attempts: int,
+    delay: float,
+    progress: float,
+    message: str | None,
+) -> Outcome:
+    """Return the outcome of a failed run that is tried again after ``delay`` seconds.
+
+    The task goes back to PENDING with its last checkpoint, so the retry
+    resumes from it. The error stays visible until a run finishes.
+    """
+    values = {
+        "error": error,
+        "failures": failures,
+        "run_after": utcnow() + dt.timedelta(seconds=delay),
+        "owner": None,
+        "progress": progress,
+        "message": message,
+    }
+    reason = (
+        f"failed in {error['phase']}(): {error['type']}; "
+        f"retry {failures} of {max_attempts - 1} in {delay:.1f} s"
+    )
+    return Outcome(TaskStatus.PENDING, reason, values)
 
 
 def on_request(signal: _ControlSignal, progress: float, message: str | None) -> Outcome:

@@ -23,9 +23,17 @@ from taskmill.exceptions import (
     RunTakenBack,
     StopRequested,
     SuspendRequested,
+    TimeLimitExceeded,
     _ControlSignal,
 )
-from taskmill.outcome import Outcome, error_record, failed, finished, on_request
+from taskmill.outcome import (
+    Outcome,
+    error_record,
+    failed,
+    finished,
+    on_request,
+    retry_later,
+)
 from taskmill.schemas import TaskInfo
 from taskmill.status import ControlRequest, TaskStatus
 from taskmill.task import BaseTask
@@ -39,14 +47,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class Suspend(enum.Enum):
-    """The in-memory request that a manager shutting down sends to its runs."""
+class RunnerRequest(enum.Enum):
+    """A request that the manager itself sends to a run, kept in memory only."""
 
+    #: The manager shuts down: the run goes back to PENDING.
     SUSPEND = "SUSPEND"
+    #: The run exceeded its task type's ``timeout``: it ends FAILED.
+    TIME_OUT = "TIME_OUT"
 
 
-#: A request a run honours: a stored pause or stop, or the manager's suspend.
-Request = ControlRequest | Suspend
+#: A request a run honours: a stored pause or stop, or one from the manager.
+Request = ControlRequest | RunnerRequest
 
 
 @dataclass(eq=False)
@@ -71,6 +82,8 @@ class Run:
     token: crud.RunToken
     progress: float
     message: str | None
+    #: Failed runs of the task before this one; see ``Retry``.
+    failures: int = 0
     #: The progress stored when the run started; see ``report_progress()``.
     progress_floor: float = 0.0
     #: Set when progress changed since it was last written.
@@ -174,6 +187,12 @@ class Run:
             raise PauseRequested(where)
         if request == ControlRequest.STOP:
             raise StopRequested(where)
+        if request == RunnerRequest.TIME_OUT:
+            limit = self.task_class.timeout
+            raise TimeLimitExceeded(
+                f"the run exceeded its time limit of {limit:g} s "
+                f"(timeout on {self.task_class.__name__}); it ended {where}"
+            )
         raise SuspendRequested(where)
 
     # -- called by the manager --
@@ -181,7 +200,7 @@ class Run:
     def wake(self) -> None:
         """Tell the run that a request arrived; cancel an async hook on stop."""
         self.wakeup.set()
-        stopping = self.live.request in (ControlRequest.STOP, Suspend.SUSPEND)
+        stopping = self.live.request in _CANCELLING
         if self.task is not None and stopping:
             self.task.get_loop().call_soon_threadsafe(self._cancel_async_hook)
 
@@ -250,13 +269,38 @@ class Run:
         return finished(result)
 
     def _settle(self, exc: BaseException) -> Outcome | None:
-        """Return the outcome of a run whose hooks raised: on request, or FAILED."""
+        """Return the outcome of a run whose hooks raised: on request, retry, or FAILED."""
         if isinstance(exc, RunTakenBack):
             self._log_taken_back()
             return None
-        if isinstance(exc, _ControlSignal):
+        if isinstance(exc, _ControlSignal) and not isinstance(exc, TimeLimitExceeded):
             return on_request(exc, self.progress, self.message)
         error = error_record(exc, self.phase)
+        failures = self.failures + 1
+        policy = self.task_class.retry
+        if policy.retries(exc) and failures < policy.max_attempts:
+            delay = policy.delay(failures)
+            logger.warning(
+                "Task %s (%s) failed in %s(): %s: %s; retry %d of %d in %.1f s",
+                self.task_id,
+                self.live.name,
+                self.phase,
+                error["type"],
+                error["message"],
+                failures,
+                policy.max_attempts - 1,
+                delay,
+                exc_info=exc,
+                extra=self._log_extra("task.retry_scheduled"),
+            )
+            return retry_later(
+                error,
+                failures=failures,
+                max_attempts=policy.max_attempts,
+                delay=delay,
+                progress=self.progress,
+                message=self.message,
+            )
         logger.error(
             "Task %s (%s) failed in %s(): %s: %s",
             self.task_id,
@@ -268,7 +312,12 @@ class Run:
             extra=self._log_extra("task.failed"),
         )
         result = self.result if self.phase == "post" else None
-        return failed(error, self.progress, self.message, result)
+        outcome = failed(error, self.progress, self.message, result)
+        if policy.retries(exc):
+            reason = f"{outcome.reason}; no attempts left ({failures} of {policy.max_attempts})"
+            outcome = Outcome(outcome.status, reason, outcome.values)
+        outcome.values["failures"] = failures
+        return outcome
 
     def _settle_cancelled(self, exc: asyncio.CancelledError) -> Outcome | None:
         if self.abandoned:
@@ -276,8 +325,13 @@ class Run:
         where = "at an await in an async hook"
         if self.live.request == ControlRequest.STOP:
             return self._settle(StopRequested(where))
-        if self.live.request == Suspend.SUSPEND:
+        if self.live.request == RunnerRequest.SUSPEND:
             return self._settle(SuspendRequested(where))
+        if self.live.request == RunnerRequest.TIME_OUT:
+            try:
+                self.raise_if_requested(where)
+            except TimeLimitExceeded as timed_out:
+                return self._settle(timed_out)
         # The manager did not cancel the run, so the task's own code raised it.
         return self._settle(exc)
 
@@ -424,6 +478,10 @@ class Run:
 
     def _log_extra(self, event: str) -> dict[str, Any]:
         return {"event": event, "task_id": self.task_id, "task_name": self.live.name}
+
+
+#: Requests that cancel an async hook at once rather than at its next checkpoint.
+_CANCELLING = (ControlRequest.STOP, RunnerRequest.SUSPEND, RunnerRequest.TIME_OUT)
 
 
 def _on_loop(task: asyncio.Task[Any]) -> bool:

@@ -36,11 +36,26 @@ class TaskInfo(BaseModel):
     error: TaskError | None = None
     attempts: int = Field(description="How many runs have started.")
     recoveries: int = Field(description="How many runs were taken back after a crash.")
+    failures: int = Field(
+        description="Runs that raised or crashed since the task was created or "
+        "restarted; the task type's retry policy bounds them."
+    )
     pending_request: ControlRequest | None = Field(
         validation_alias="control",
         description="A pause or stop that the running task has not reached yet.",
     )
     owner: str | None = Field(description="The runner of the current or last run.")
+    lease_expires_at: dt.datetime | None = Field(
+        description="Until when the owner holds a RUNNING task; another runner "
+        "takes it back after that."
+    )
+    heartbeat_at: dt.datetime | None = Field(
+        description="When the run last reported progress or saved a checkpoint. "
+        "An old value on a RUNNING task means it is stuck in one step."
+    )
+    run_after: dt.datetime | None = Field(
+        description="A PENDING task that failed waits until then for its retry."
+    )
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None

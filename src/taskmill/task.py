@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from taskmill.retry import Retry
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -60,6 +62,13 @@ class BaseTask(abc.ABC, Generic[P]):
     #: False when a run that was interrupted by a crash must not run again:
     #: it then ends FAILED instead of resuming from its checkpoint.
     resumable: ClassVar[bool] = True
+    #: How many runs may fail (raise, or die with their process) and which
+    #: exceptions are retried, after what backoff.
+    retry: ClassVar[Retry] = Retry()
+    #: The longest a run may take, in seconds; None for no limit. A run past
+    #: it ends FAILED at its next checkpoint, progress report or ``sleep()``
+    #: (an ``async`` hook is cancelled at once).
+    timeout: ClassVar[float | None] = None
 
     def __init__(
         self, *, task_id: str, params: P, state: Any, runtime: _Runtime
