@@ -30,6 +30,8 @@ def create_app() -> FastAPI:
         os.environ["TASKMILL_DATABASE_URL"],
         max_workers=int(os.environ.get("TASKMILL_TEST_WORKERS", "4")),
         shutdown_grace=float(os.environ.get("TASKMILL_TEST_GRACE", "2")),
+        lease_duration=float(os.environ.get("TASKMILL_TEST_LEASE", "60")),
+        poll_interval=float(os.environ.get("TASKMILL_TEST_POLL", "1")),
     )
     for task_class in (Countdown, SlowDigest, StepTask, BlockingTask, AsyncSleepTask):
         manager.register(task_class)
@@ -41,8 +43,11 @@ def create_app() -> FastAPI:
     app.include_router(create_router(manager))
 
     @app.middleware("http")
-    async def pass_through(request, call_next):  # type: ignore[no-untyped-def]
-        return await call_next(request)
+    async def name_process(request, call_next):  # type: ignore[no-untyped-def]
+        # Tells tests which of several server processes answered.
+        response = await call_next(request)
+        response.headers["x-server-pid"] = str(os.getpid())
+        return response
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from taskmill import BaseTask, TaskManager
+from taskmill import BaseTask, Database, TaskManager
 from tests.tasks import create_ledger
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def database_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'tasks.db'}"
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    """A connection of the test's own to its database, for reading rows and the ledger."""
+    opened = Database(database_url)
+    yield opened
+    opened.dispose()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +66,6 @@ MakeServer = Callable[..., ServerProcess]
 PROMPT_TIMEOUT = 3.0
 
 # -- helpers for the server tests --
-
-
-@pytest.fixture
-def database(database_url: str) -> Iterator[Database]:
-    """A second connection to the server's database, for reading the ledger."""
-    opened = Database(database_url)
-    yield opened
-    opened.dispose()
 
 
 def create_over_http(client: httpx.Client, name: str, params: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from taskmill.exceptions import (
     UnknownTaskType,
 )
 from taskmill.manager import TaskManager
+from taskmill.retry import Retry
 from taskmill.schemas import TaskEventInfo, TaskInfo
 from taskmill.status import Action, ControlRequest, TaskStatus
 from taskmill.task import BaseTask, NoParams
@@ -27,6 +28,7 @@ __all__ = [
     "InvalidTransition",
     "ManagerNotRunning",
     "NoParams",
+    "Retry",
     "TaskEventInfo",
     "TaskInfo",
     "TaskManager",

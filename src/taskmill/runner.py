@@ -375,8 +375,17 @@ class Run:
     # -- recording the outcome, on a thread other than the loop --
 
     def suspend(self, reason: str) -> TaskStatus | None:
-        """Put the task back to PENDING for a run that its hooks cannot end."""
-        values = {"owner": None, "control": None, "progress": self.progress}
+        """Put the task back to PENDING for a run that its hooks cannot end.
+
+        The hook is still running and dies with the process, so this counts
+        as an interrupted run in ``recoveries``, but not as a failure.
+        """
+        values = {
+            "owner": None,
+            "control": None,
+            "progress": self.progress,
+            "recoveries": crud.TaskRow.recoveries + 1,
+        }
         return self.record(Outcome(TaskStatus.PENDING, reason, values))
 
     def retry_outcome(self) -> TaskStatus | None:
