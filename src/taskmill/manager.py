@@ -635,6 +635,8 @@ class TaskManager:
             ended = status is None or status.is_terminal
             if ended and not live.queued and self._live.get(live.task_id) is live:
                 del self._live[live.task_id]
+        if status == TaskStatus.PENDING and run.run_after is not None:
+            self._track(live.task_id, live.name, queue=True, run_after=run.run_after)
 
     async def _upkeep_forever(self) -> None:
         """Flush progress every ``progress_interval``, renew leases every third of

@@ -62,6 +62,7 @@ class Retry:
         if isinstance(self.retry_on, type):
             # Retry(retry_on=ConnectionError) is an easy slip for a 1-tuple.
             object.__setattr__(self, "retry_on", (self.retry_on,))
+        object.__setattr__(self, "retry_on", tuple(self.retry_on))
         for exc_type in self.retry_on:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
                 raise TypeError(

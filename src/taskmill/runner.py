@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import enum
 import inspect
 import json
@@ -102,6 +103,8 @@ class Run:
     result: Any = None
     #: An outcome that the database failed to store; the manager retries it.
     unrecorded: Outcome | None = None
+    #: When a run that ended in a retry backoff may run again.
+    run_after: dt.datetime | None = None
 
     @property
     def task_id(self) -> str:
@@ -437,6 +440,7 @@ class Run:
             )
             return self.record(failed(error, self.progress, self.message))
         self.unrecorded = None
+        self.run_after = outcome.values.get("run_after")
         logger.info(
             "Task %s (%s) is %s: %s",
             self.task_id,
