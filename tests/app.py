@@ -17,6 +17,7 @@ from taskmill.examples import Countdown
 from tests.tasks import (
     AsyncSleepTask,
     BlockingTask,
+    CrashTask,
     NonResumableStepTask,
     SlowDigest,
     StepTask,
@@ -36,6 +37,7 @@ def create_app() -> FastAPI:
     for task_class in (Countdown, SlowDigest, StepTask, BlockingTask, AsyncSleepTask):
         manager.register(task_class)
     manager.register(NonResumableStepTask)
+    manager.register(CrashTask)
     manager.database.create_schema()
     create_ledger(manager.database)
     app = FastAPI(lifespan=manager.lifespan)

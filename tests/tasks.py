@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from taskmill import BaseTask, Database, NoParams
 from taskmill.examples import DirectoryDigest
+from taskmill.retry import Retry
 
 logger = logging.getLogger(__name__)
 
@@ -184,3 +185,138 @@ class NonResumableStepTask(StepTask):
 
     name = "step_not_resumable"
     resumable = False
+
+
+class FlakyParams(BaseModel):
+    #: Runs that raise ConnectionError before a run succeeds.
+    failing_runs: int = Field(default=3, ge=0)
+    #: The first run waits for this file to exist before it raises ("": no wait).
+    gate_file: str = ""
+
+
+class FlakyTask(BaseTask[FlakyParams]):
+    """Raise ConnectionError in the first failing_runs runs, then succeed.
+
+    Each run first commits a ledger row whose step is its run number, so the
+    runs are counted in the database, whichever process ran them.
+    """
+
+    name = "flaky"
+    params_model = FlakyParams
+    retry = Retry(
+        max_attempts=5,
+        retry_on=(ConnectionError,),
+        backoff=1.0,
+        factor=2.0,
+        jitter=0.2,
+    )
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> dict[str, int]:
+        run_number = self._record_run()
+        if run_number == 1 and self.params.gate_file:
+            deadline = time.monotonic() + 30
+            gate = Path(self.params.gate_file)
+            while not gate.exists() and time.monotonic() < deadline:
+                self.sleep(0.005)
+        if run_number <= self.params.failing_runs:
+            raise ConnectionError(f"connection refused in run {run_number}")
+        return {"runs": run_number}
+
+    def post(self) -> None:
+        pass
+
+    def _record_run(self) -> int:
+        with self.database.write() as session:
+            earlier = session.execute(
+                select(ledger.c.step).where(ledger.c.task_id == self.task_id)
+            ).all()
+            run_number = len(earlier) + 1
+            session.execute(
+                insert(ledger).values(task_id=self.task_id, step=run_number)
+            )
+        return run_number
+
+
+class QuickFlakyTask(FlakyTask):
+    """FlakyTask with three attempts and a short backoff."""
+
+    name = "flaky_quick"
+    retry = Retry(max_attempts=3, retry_on=(ConnectionError,), backoff=0.2)
+
+
+class TimedStepTask(StepTask):
+    """StepTask with a time limit of 0.3 s."""
+
+    name = "step_timed"
+    timeout = 0.3
+
+
+class TimedAsyncSleepTask(AsyncSleepTask):
+    """AsyncSleepTask with a time limit of 0.3 s."""
+
+    name = "async_sleep_timed"
+    timeout = 0.3
+
+
+class TimedBlockingTask(BaseTask[BlockingParams]):
+    """One blocking call, then a checkpoint, with a time limit of 0.5 s."""
+
+    name = "blocking_timed"
+    params_model = BlockingParams
+    timeout = 0.5
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> str:
+        time.sleep(self.params.seconds)
+        self.checkpoint({"slept": self.params.seconds})
+        return "done"
+
+    def post(self) -> None:
+        pass
+
+
+class TimedAsyncPostTask(BaseTask[BlockingParams]):
+    """An async task whose post() awaits a long sleep, with a time limit of 0.3 s."""
+
+    name = "async_post_timed"
+    params_model = BlockingParams
+    timeout = 0.3
+
+    async def pre(self) -> None:
+        pass
+
+    async def run(self) -> str:
+        return "done"
+
+    async def post(self) -> None:
+        await asyncio.sleep(self.params.seconds)
+
+
+class CrashParams(StepParams):
+    #: The step in which every run ends its process with exit status 137.
+    crash_step: int = Field(default=2, ge=1)
+
+
+class CrashTask(StepTask):
+    """StepTask whose process exits in crash_step, as if killed, on every run."""
+
+    name = "crash"
+    params_model = CrashParams
+    retry = Retry(max_attempts=3, backoff=0.5)
+
+    def run(self) -> dict[str, int]:
+        params = self.params
+        assert isinstance(params, CrashParams)
+        done = self.state["step"] if self.state else 0
+        for step in range(done + 1, params.n + 1):
+            self.sleep(params.step_s)
+            if step == params.crash_step:
+                os._exit(137)
+            self.set_progress(step, params.n)
+            self.checkpoint({"step": step}, effects=self._record(step))
+        return {"sum": params.n * (params.n + 1) // 2}

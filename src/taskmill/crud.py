@@ -154,7 +154,10 @@ def list_queued(
     """Return id, name and ``run_after`` of the oldest PENDING tasks."""
     statement = (
         select(TaskRow.id, TaskRow.name, TaskRow.run_after)
-        .where(TaskRow.status == TaskStatus.PENDING)
+        .where(
+            TaskRow.status == TaskStatus.PENDING,
+            or_(TaskRow.run_after.is_(None), TaskRow.run_after <= utcnow()),
+        )
         .order_by(TaskRow.created_at, TaskRow.id)
         .limit(limit)
     )

@@ -8,6 +8,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -32,6 +33,7 @@ from taskmill.exceptions import (
 )
 from taskmill.models import utcnow
 from taskmill.outcome import Outcome, error_record, failed
+from taskmill.retry import Retry
 from taskmill.runner import LiveTask, Request, Run, RunnerRequest
 from taskmill.schemas import TaskEventInfo, TaskInfo
 from taskmill.status import (
@@ -447,6 +449,11 @@ class TaskManager:
                 return
             if attempt is not None and run.token.attempt != attempt:
                 return
+            if (
+                live.request == RunnerRequest.TIME_OUT
+                and request not in _OUTRANKS_TIMEOUT
+            ):
+                return
             live.request = request
         run.wake()
 
@@ -646,7 +653,9 @@ class TaskManager:
         next_renewal = time.monotonic() + self.lease_duration / 3
         failing = False
         while True:
-            await asyncio.sleep(min(self.progress_interval, self.poll_interval))
+            await asyncio.sleep(
+                min(self.progress_interval, self.poll_interval, self.lease_duration / 3)
+            )
             now = time.monotonic()
             adopt = now >= next_poll
             if adopt:
@@ -805,6 +814,20 @@ def _check_task_class(task_class: Any) -> None:
             f"Cannot register task class {label}: it does not define "
             f"{', '.join(m + '()' for m in missing)}. A task defines pre(), run() "
             "and post(); a hook with nothing to do can just `pass`."
+        )
+    if not isinstance(task_class.retry, Retry):
+        raise TypeError(
+            f"Cannot register task class {label}: `retry` must be a Retry "
+            f"instance, got {task_class.retry!r}."
+        )
+    timeout = task_class.timeout
+    valid_number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if timeout is not None and not (
+        valid_number and math.isfinite(timeout) and timeout > 0
+    ):
+        raise TypeError(
+            f"Cannot register task class {label}: `timeout` must be None or a "
+            f"positive number of seconds, got {timeout!r}."
         )
 
 

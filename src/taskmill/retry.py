@@ -76,6 +76,10 @@ class Retry:
     def delay(self, failures: int) -> float:
         """Return the seconds to wait after the ``failures``-th failed run."""
         exponent = max(failures - 1, 0)
-        # The capped exponent keeps factor ** exponent from overflowing.
-        base = min(self.max_backoff, self.backoff * self.factor ** min(exponent, 64))
+        try:
+            growth = self.factor**exponent
+        except OverflowError:
+            # A float cannot hold factor ** exponent: the wait is past any cap.
+            growth = math.inf
+        base = min(self.max_backoff, self.backoff * growth) if self.backoff else 0.0
         return base * random.uniform(1 - self.jitter, 1 + self.jitter)

@@ -191,12 +191,15 @@ class Run:
         if request == ControlRequest.STOP:
             raise StopRequested(where)
         if request == RunnerRequest.TIME_OUT:
-            limit = self.task_class.timeout
-            raise TimeLimitExceeded(
-                f"the run exceeded its time limit of {limit:g} s "
-                f"(timeout on {self.task_class.__name__}); it ended {where}"
-            )
+            raise self._time_limit_exceeded(where)
         raise SuspendRequested(where)
+
+    def _time_limit_exceeded(self, where: str) -> TimeLimitExceeded:
+        limit = self.task_class.timeout
+        return TimeLimitExceeded(
+            f"the run exceeded its time limit of {limit:g} s "
+            f"(timeout on {self.task_class.__name__}); it ended {where}"
+        )
 
     # -- called by the manager --
 
@@ -331,10 +334,7 @@ class Run:
         if self.live.request == RunnerRequest.SUSPEND:
             return self._settle(SuspendRequested(where))
         if self.live.request == RunnerRequest.TIME_OUT:
-            try:
-                self.raise_if_requested(where)
-            except TimeLimitExceeded as timed_out:
-                return self._settle(timed_out)
+            return self._settle(self._time_limit_exceeded(where))
         # The manager did not cancel the run, so the task's own code raised it.
         return self._settle(exc)
 
