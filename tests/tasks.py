@@ -44,7 +44,10 @@ ledger = Table(
 
 
 def create_ledger(database: Database) -> None:
-    ledger_metadata.create_all(database.engine)
+    # A write transaction from the start: processes that start together on a
+    # new file would otherwise fail to upgrade a read to a write.
+    with database.engine.execution_options(taskmill_write=True).begin() as connection:
+        ledger_metadata.create_all(connection)
 
 
 def ledger_steps(database: Database, task_id: str) -> list[int]:

@@ -153,7 +153,9 @@ def test_claim_task_once(database: Database) -> None:
 def test_claim_skips_paused_task(database: Database) -> None:
     task_id = make_task(database, S.PAUSED)
     with database.write() as session:
-        assert crud.claim_task(session, task_id, "r1", reason="claimed", lease=60) is None
+        assert (
+            crud.claim_task(session, task_id, "r1", reason="claimed", lease=60) is None
+        )
 
 
 def test_save_checkpoint_returns_pending_request(database: Database) -> None:

@@ -380,9 +380,7 @@ def test_pending_request_survives_crash(
         task = crud.create_task(
             session, name="countdown", params={"seconds": 0, "steps": 1}
         )
-        crud.claim_task(
-            session, task.id, "dead-runner", reason="claimed", lease=0
-        )
+        crud.claim_task(session, task.id, "dead-runner", reason="claimed", lease=0)
         crud.set_control(session, task.id, request_)
     manager = start_again(database_url, Countdown)
     try:
@@ -481,9 +479,7 @@ def test_run_taken_back_ends_quietly(
     with manager.database.write() as session:
         # What a second runner does when it recovers the task.
         crud.change_status(session, task.id, S.PENDING, reason="taken by another")
-        crud.claim_task(
-            session, task.id, "other-runner", reason="claimed", lease=60
-        )
+        crud.claim_task(session, task.id, "other-runner", reason="claimed", lease=60)
     eventually(lambda: task.id not in manager.live_task_ids())
     info = manager.get(task.id)
     assert info.status == S.RUNNING

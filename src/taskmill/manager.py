@@ -431,7 +431,7 @@ class TaskManager:
         with self._lock:
             live = self._live.get(task_id)
             # A restart may have queued the task again since it ended.
-            if live is not None and not live.queued and live.run is None:
+            if live is not None and not (live.queued or live.claiming or live.run):
                 del self._live[task_id]
 
     def _signal(
@@ -511,6 +511,7 @@ class TaskManager:
                 if live is None:
                     continue
                 live.queued = False
+                live.claiming = True
             run = asyncio.ensure_future(self._execute(live))
             # The loop keeps only a weak reference to a task: this set keeps it alive.
             self._runs.add(run)
@@ -527,8 +528,9 @@ class TaskManager:
         self._dispatch()
 
     async def _execute(self, live: LiveTask) -> None:
+        task = None
         try:
-            task = await asyncio.to_thread(self._claim, live.task_id)
+            task = await asyncio.to_thread(self._claim, live)
         except SQLAlchemyError as exc:
             logger.warning(
                 "Task %s (%s): claiming it failed (%s); it stays PENDING and is "
@@ -538,7 +540,10 @@ class TaskManager:
                 exc,
                 extra={"event": "task.claim_failed", "task_id": live.task_id},
             )
-            return
+        finally:
+            if task is None:
+                with self._lock:
+                    live.claiming = False
         if task is None:
             return
         run = Run(
@@ -553,6 +558,7 @@ class TaskManager:
         )
         with self._lock:
             live.run = run
+            live.claiming = False
             # The stored request, never one left in memory by an earlier run.
             live.request = task.control
         timeout = run.task_class.timeout
@@ -601,8 +607,9 @@ class TaskManager:
         )
         run.wake()
 
-    def _claim(self, task_id: str) -> crud.TaskRow | None:
+    def _claim(self, live: LiveTask) -> crud.TaskRow | None:
         """Claim a queued task, or stop tracking it if another runner has it."""
+        task_id = live.task_id
         with self.database.write() as session:
             reason = f"claimed by {self.runner_id}"
             task = crud.claim_task(
@@ -614,6 +621,8 @@ class TaskManager:
             )
             row = None if task is not None else crud.get_task(session, task_id)
         if row is not None:
+            with self._lock:
+                live.claiming = False
             if row.status == TaskStatus.PENDING and row.run_after is not None:
                 # In its retry backoff: queued again when that has passed.
                 self._track(task_id, row.name, queue=True, run_after=row.run_after)
@@ -709,7 +718,7 @@ class TaskManager:
                 task_id
                 for task_id, _, _ in rows
                 if (live := self._live.get(task_id)) is None
-                or not (live.queued or live.run)
+                or not (live.queued or live.claiming or live.run)
             }
         for task_id, name, run_after in rows:
             due = run_after is None or run_after <= now

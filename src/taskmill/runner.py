@@ -71,6 +71,9 @@ class LiveTask:
     request: Request | None = None
     run: Run | None = None
     queued: bool = False
+    #: Set between leaving the queue and the end of the claim, so that a poll
+    #: does not queue the task again while its claim is under way.
+    claiming: bool = False
 
 
 @dataclass(eq=False)
@@ -134,8 +137,8 @@ class Run:
         state = to_json_value(state, "Checkpoint state")
         try:
             with self.write_lock, self.database.write() as session:
-                if effects is not None:
-                    effects(session)
+                # The ownership check comes first, so that a run that lost its
+                # task stops here rather than in a constraint of its effects.
                 control = crud.save_checkpoint(
                     session,
                     self.task_id,
@@ -144,6 +147,8 @@ class Run:
                     progress=self.progress,
                     message=self.message,
                 )
+                if effects is not None:
+                    effects(session)
                 self.dirty = False
         except crud.RunLost:
             raise RunTakenBack("at a checkpoint") from None
