@@ -156,7 +156,7 @@ class TaskManager:
         PAUSED tasks stay paused, PENDING ones are queued, and RUNNING ones
         that a process left behind when it died resume from their checkpoint.
         """
-        if self._loop is not None:
+        if self._loop is not None or self._accepting:
             raise RuntimeError("The task manager is already running.")
         if self.database.is_memory:
             raise ValueError(
@@ -217,13 +217,15 @@ class TaskManager:
             drain.result(timeout=grace + 5)
         except TimeoutError:
             # An async hook that blocks the loop (time.sleep in async def)
-            # keeps the drain from running; its task is recovered at startup.
+            # keeps the drain from running. Other runners take its tasks back
+            # once the leases are released here.
             logger.error(
                 "Task manager %s: the event loop did not respond within the "
-                "shutdown grace; tasks it ran stay RUNNING until the next startup",
+                "shutdown grace; its RUNNING tasks go to the next runner",
                 self.runner_id,
                 extra={"event": "manager.stop_timed_out", "runner_id": self.runner_id},
             )
+            self._release_leases()
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -775,10 +777,13 @@ class TaskManager:
                 "suspended: the runner shut down before the task reached a "
                 "checkpoint; resumes from its last checkpoint"
             )
+        # Outcomes that could not be written: let the next runner take those
+        # tasks back now rather than when their leases run out.
+        self._release_leases()
+
+    def _release_leases(self) -> None:
         try:
             with self.database.write() as session:
-                # Outcomes that could not be written: let the next runner take
-                # those tasks back now rather than when their leases run out.
                 crud.expire_leases(session, self.runner_id)
         except SQLAlchemyError as exc:
             logger.warning(
