@@ -60,7 +60,12 @@ def process_is_gone(runner_id: str | None) -> bool:
 def lease_lost(
     owner: str | None, lease_expires_at: dt.datetime | None, now: dt.datetime
 ) -> str | None:
-    """Return why a RUNNING task's run is lost, or None while its owner holds it."""
+    """Return why a RUNNING task's run is lost, or None while its owner holds it.
+
+    NOTE: ``now`` and the stored expiry come from the clocks of the runners'
+    hosts, not the database's, so runners on several hosts need synchronised
+    clocks.
+    """
     if process_is_gone(owner):
         return "its process is gone"
     if lease_expires_at is None:
