@@ -1,17 +1,20 @@
-"""The FastAPI router that lists, creates and controls tasks.
+"""The FastAPI router that lists, creates, controls and streams tasks.
 
 Mount it in an app whose lifespan runs the manager::
 
     manager = TaskManager("sqlite:///./tasks.db")
     app = FastAPI(lifespan=manager.lifespan)
     app.include_router(create_router(manager), prefix="/api")
+
+The router also serves the dashboard at ``/dashboard`` under its prefix.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
@@ -19,10 +22,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from taskmill._json import clean_text
+from taskmill.dashboard import add_dashboard_routes
 from taskmill.database import is_transient
 from taskmill.exceptions import (
     InvalidParams,
@@ -32,6 +37,7 @@ from taskmill.exceptions import (
     TaskNotFound,
     UnknownTaskType,
 )
+from taskmill.feed import Batch, Subscription, feed_for
 from taskmill.manager import TaskManager
 from taskmill.schemas import TaskCreate, TaskEventInfo, TaskInfo, TaskTypeInfo
 from taskmill.status import Action, TaskStatus
@@ -42,15 +48,24 @@ logger = logging.getLogger(__name__)
 MAX_PAGE = 500
 #: The largest offset: SQLite integers are 64-bit.
 MAX_OFFSET = 2**62
+#: Milliseconds that a browser waits before it reconnects a dropped stream.
+STREAM_RETRY_MS = 2000
+#: Seconds between two checks of an open stream that the manager still runs.
+STREAM_CHECK_INTERVAL = 1.0
 
 
 def create_router(
-    manager: TaskManager, *, dependencies: Sequence[Any] | None = None
+    manager: TaskManager,
+    *,
+    dependencies: Sequence[Any] | None = None,
+    dashboard: bool = True,
 ) -> APIRouter:
-    """Build the task endpoints for ``manager``.
+    """Build the task endpoints for ``manager``, and its dashboard at ``/dashboard``.
 
-    ``dependencies`` (FastAPI ``Depends(...)``) apply to every endpoint, e.g.
-    to require authentication.
+    ``dependencies`` (FastAPI ``Depends(...)``) apply to every endpoint, the
+    dashboard and the streams included, e.g. to require authentication.
+    ``dashboard=False`` leaves out the dashboard page and its assets; the
+    streams stay, as part of the API.
     """
 
     def require_running() -> None:
@@ -102,6 +117,9 @@ def create_router(
             statuses=status or (), name=name, limit=limit, offset=offset
         )
 
+    # Before GET /tasks/{task_id}, which would match /tasks/stream too.
+    _add_stream_routes(router, manager, not_found)
+
     @router.get("/tasks/{task_id}", responses=not_found)
     def read_task(task_id: str) -> TaskInfo:
         return manager.get(task_id)
@@ -128,7 +146,128 @@ def create_router(
                 },
             },
         )
+    if dashboard:
+        add_dashboard_routes(router)
     return router
+
+
+_STREAM_TASKS_DOC = (
+    "A `text/event-stream`. `counts` events carry the number of tasks per "
+    "status, `task` events a task (as `GET /tasks/{id}`) each time it changed, "
+    "at most once per poll of the database (about 0.3 s); a `reload` event "
+    "means more tasks changed than one message carries, so reload the list."
+)
+_STREAM_TASK_DOC = (
+    "A `text/event-stream`: first the task (`task`) and its history "
+    "(`history`, a list of events), then the same each time they change, at "
+    "most once per poll of the database (about 0.3 s)."
+)
+
+
+def _add_stream_routes(
+    router: APIRouter,
+    manager: TaskManager,
+    not_found: dict[int | str, dict[str, Any]],
+) -> None:
+    @router.get(
+        "/tasks/stream",
+        response_class=EventSourceResponse,
+        responses={200: {"description": _STREAM_TASKS_DOC}},
+    )
+    async def stream_tasks() -> AsyncIterator[ServerSentEvent]:
+        """Stream the changes of all tasks as server-sent events."""
+        with feed_for(manager.database).subscribe() as subscription:
+            async for event in _task_changes(manager, subscription):
+                yield event
+
+    def require_task(task_id: str) -> None:
+        manager.get(task_id)  # Raises TaskNotFound, a 404, before the stream starts.
+
+    @router.get(
+        "/tasks/{task_id}/stream",
+        response_class=EventSourceResponse,
+        dependencies=[Depends(require_task)],
+        responses={**not_found, 200: {"description": _STREAM_TASK_DOC}},
+    )
+    async def stream_task(task_id: str) -> AsyncIterator[ServerSentEvent]:
+        """Stream one task and its history as server-sent events."""
+        with feed_for(manager.database).subscribe(task_id) as subscription:
+            async for event in _one_task_changes(manager, subscription):
+                yield event
+
+
+async def _next_batch(subscription: Subscription) -> Batch | None:
+    """Wait for changes; return None after ``STREAM_CHECK_INTERVAL`` without any."""
+    try:
+        async with asyncio.timeout(STREAM_CHECK_INTERVAL):
+            return await subscription.next_batch()
+    except TimeoutError:
+        return None
+
+
+async def _task_changes(
+    manager: TaskManager, subscription: Subscription
+) -> AsyncIterator[ServerSentEvent]:
+    """Yield the events of the all-tasks stream until the manager stops."""
+    retry: int | None = STREAM_RETRY_MS
+    while manager.is_running:
+        batch = await _next_batch(subscription)
+        if batch is None:
+            continue
+        if batch.closed:
+            return
+        if batch.counts is not None:
+            counts = {status.value: number for status, number in batch.counts.items()}
+            yield ServerSentEvent(event="counts", data=counts, retry=retry)
+            retry = None
+        if batch.reload:
+            yield ServerSentEvent(event="reload", data={})
+        for task in batch.tasks:
+            yield ServerSentEvent(event="task", data=task)
+
+
+async def _one_task_changes(
+    manager: TaskManager, subscription: Subscription
+) -> AsyncIterator[ServerSentEvent]:
+    """Yield the events of a one-task stream until the manager stops.
+
+    The subscription starts before the first read, so no change falls
+    between the two; changes that the first read already contains are skipped.
+    """
+    task_id = subscription.task_id
+    assert task_id is not None
+    try:
+        task, history = await asyncio.to_thread(
+            _read_task_and_history, manager, task_id
+        )
+    except (SQLAlchemyError, TaskmillError) as exc:
+        # Not named "error": browsers fire their own "error" event on a dropped stream.
+        yield ServerSentEvent(event="unavailable", data={"detail": str(exc)})
+        return
+    yield ServerSentEvent(event="task", data=task, retry=STREAM_RETRY_MS)
+    yield ServerSentEvent(event="history", data=history)
+    updated_at = task.updated_at
+    last_event_id = max((event.id for event in history), default=0)
+    while manager.is_running:
+        batch = await _next_batch(subscription)
+        if batch is None:
+            continue
+        if batch.closed:
+            return
+        new_events = [event for event in batch.events if event.id > last_event_id]
+        if new_events:
+            last_event_id = new_events[-1].id
+            yield ServerSentEvent(event="history", data=new_events)
+        for task in batch.tasks:
+            if task.updated_at > updated_at:
+                updated_at = task.updated_at
+                yield ServerSentEvent(event="task", data=task)
+
+
+def _read_task_and_history(
+    manager: TaskManager, task_id: str
+) -> tuple[TaskInfo, list[TaskEventInfo]]:
+    return manager.get(task_id), manager.events(task_id)
 
 
 def _action_endpoint(manager: TaskManager, action: Action) -> Callable[[str], TaskInfo]:

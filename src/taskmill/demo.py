@@ -1,6 +1,7 @@
 """The demo app: the example tasks behind the task API, on SQLite by default.
 
-``uvicorn --factory taskmill.demo:create_app`` serves it. The database URL
+``uvicorn --factory taskmill.demo:create_app`` serves it, with the dashboard
+at ``/dashboard``, where ``/`` redirects. The database URL
 comes from ``TASKMILL_DATABASE_URL``, and the number of tasks that each
 process runs at once from ``TASKMILL_CONCURRENCY`` (0: the process stores and
 controls tasks but runs none, so that ``taskmill worker`` processes run them).
@@ -10,13 +11,22 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
 
 from taskmill.api import create_router
 from taskmill.database import DEFAULT_DATABASE_URL
 from taskmill.examples import Countdown, DirectoryDigest
+from taskmill.feed import close_streams
 from taskmill.manager import TaskManager
+
+SignalHandler = Callable[[int, FrameType | None], Any]
 
 DATABASE_URL_VARIABLE = "TASKMILL_DATABASE_URL"
 CONCURRENCY_VARIABLE = "TASKMILL_CONCURRENCY"
@@ -58,8 +68,43 @@ def create_app(database_url: str | None = None) -> FastAPI:
     app.state.manager = manager
     app.include_router(create_router(manager))
 
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        return RedirectResponse("/dashboard")
+
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    _close_streams_on_exit_signals()
     return app
+
+
+def _close_streams_on_exit_signals() -> None:
+    """Make SIGINT and SIGTERM end the open event streams, then do what they did.
+
+    uvicorn waits for open connections before it runs the app's shutdown, so
+    a dashboard left open would hold up every stop. uvicorn installs its
+    signal handlers before it builds the app, and this chains onto them.
+    Where the handlers are Python's defaults (not under uvicorn) or the app
+    is built off the main thread, nothing changes; ``taskmill serve`` also
+    bounds that wait.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            signal.signal(signum, _closing_streams_first(previous))
+
+
+def _closing_streams_first(previous: SignalHandler) -> SignalHandler:
+    def handle(number: int, frame: FrameType | None) -> None:
+        # A signal handler must not take locks that the code it interrupted
+        # may hold, so the streams are closed from a thread of their own.
+        threading.Thread(
+            target=close_streams, name="taskmill-close-streams", daemon=True
+        ).start()
+        previous(number, frame)
+
+    return handle

@@ -126,11 +126,13 @@ class BackgroundTaskModel(Base):
     updated_at: Mapped[dt.datetime]
 
     # Lists are ordered by (created_at, id); these indexes let a filtered page
-    # stop after `limit` rows instead of sorting every match.
+    # stop after `limit` rows instead of sorting every match. The change feed
+    # reads (updated_at, id) of recently changed rows from the index alone.
     __table_args__ = (
         Index(None, "status", "created_at", "id"),
         Index(None, "name", "created_at", "id"),
         Index(None, "created_at", "id"),
+        Index(None, "updated_at", "id"),
     )
 
 
