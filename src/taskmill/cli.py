@@ -1,4 +1,8 @@
-"""The ``taskmill`` command line: ``serve`` runs the demo app, ``worker`` runs tasks."""
+"""The ``taskmill`` command line: ``serve``, ``worker`` and ``tasks``.
+
+``serve`` runs the demo app, ``worker`` runs tasks, and ``tasks`` lists,
+shows, controls and watches the tasks of a database.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +22,11 @@ from typing import Annotated, Any
 import typer
 import uvicorn
 import uvicorn.config
-from sqlalchemy import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
+from taskmill import cli_tasks
+from taskmill.cli_tasks import display_url
 from taskmill.database import DEFAULT_DATABASE_URL, Database
 from taskmill.demo import (
     CONCURRENCY_VARIABLE,
@@ -49,6 +54,12 @@ APP_FORMS = (
 )
 #: Seconds between checks of the stop flag that the signal handlers set.
 SIGNAL_POLL_INTERVAL = 0.1
+#: Seconds that ``serve`` waits for open connections when it stops, before it
+#: closes them and shuts the manager down. uvicorn runs the app's lifespan
+#: shutdown only after every connection has closed. The demo app ends its
+#: event streams on SIGINT and SIGTERM, and this bounds the wait for any
+#: other connection.
+SERVE_CONNECTION_GRACE = 3
 
 LogLevelOption = Annotated[
     str,
@@ -56,6 +67,9 @@ LogLevelOption = Annotated[
         metavar="LEVEL", help=f"Logging level, one of {', '.join(LOG_LEVELS)}."
     ),
 ]
+
+
+app.add_typer(cli_tasks.app)
 
 
 @app.callback()
@@ -126,6 +140,7 @@ def serve(
         workers=workers,
         log_level=level,
         log_config=_uvicorn_log_config(level),
+        timeout_graceful_shutdown=SERVE_CONNECTION_GRACE,
     )
 
 
@@ -288,7 +303,7 @@ def _start_manager(manager: TaskManager) -> None:
         logger.error(
             "Worker %s: starting the task manager on %s failed: %s",
             manager.runner_id,
-            _display_url(manager.database.url),
+            display_url(manager.database.url),
             reason,
             extra={"event": "worker.start_failed", "runner_id": manager.runner_id},
         )
@@ -307,7 +322,7 @@ def _log_started(manager: TaskManager) -> None:
         "Worker %s started on %s: runs task types %s, up to %d at once; "
         "SIGTERM or SIGINT stops it",
         manager.runner_id,
-        _display_url(manager.database.url),
+        display_url(manager.database.url),
         ", ".join(names) or "(none)",
         manager.max_workers,
         extra={"event": "worker.started", "runner_id": manager.runner_id},
@@ -437,18 +452,16 @@ def _serve_banner(db: str, host: str, port: int, workers: int, concurrency: int)
         )
     else:
         tasks = f"each running up to {concurrency} tasks at once"
+    address = f"http://{_url_host(host)}:{port}"
     return (
-        f"taskmill demo: {processes} {tasks}; API docs at http://{host}:{port}/docs, "
-        f"database {_display_url(db)}"
+        f"taskmill demo: {processes} {tasks}; dashboard at {address}/dashboard, "
+        f"API docs at {address}/docs, database {display_url(db)}"
     )
 
 
-def _display_url(url: str) -> str:
-    """Return ``url`` with any password masked, for logs and messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
+def _url_host(host: str) -> str:
+    """Return ``host`` as a URL writes it: an IPv6 address goes in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _check_database(url: str) -> None:
@@ -462,7 +475,7 @@ def _check_database(url: str) -> None:
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise typer.BadParameter(
-            f"cannot open database {_display_url(url)!r}: {reason}. Pass a SQLAlchemy URL of a "
+            f"cannot open database {display_url(url)!r}: {reason}. Pass a SQLAlchemy URL of a "
             "database that exists or can be created, e.g. sqlite:///./taskmill.db.",
             param_hint=["--db"],
         ) from exc
