@@ -596,7 +596,8 @@ def test_base_exception_fails_task_not_manager(
     assert failed.finished_at is not None
     assert manager.wait(following.id, timeout=10).status == S.FINISHED
     assert manager.is_running
-    assert manager.live_task_ids() == set()
+    # The registry lets go of a run just after its outcome is stored.
+    eventually(lambda: manager.live_task_ids() == set())
 
 
 def test_broken_error_str_still_fails_task(
