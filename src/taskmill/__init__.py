@@ -5,9 +5,12 @@ from __future__ import annotations
 from taskmill.api import create_router
 from taskmill.database import Database
 from taskmill.exceptions import (
+    CheckpointTooLarge,
     InvalidParams,
     InvalidTransition,
     ManagerNotRunning,
+    PayloadTooLarge,
+    ResultTooLarge,
     TaskmillError,
     TaskNotFound,
     TaskTypeAlreadyRegistered,
@@ -22,12 +25,15 @@ from taskmill.task import BaseTask, NoParams
 __all__ = [
     "Action",
     "BaseTask",
+    "CheckpointTooLarge",
     "ControlRequest",
     "Database",
     "InvalidParams",
     "InvalidTransition",
     "ManagerNotRunning",
     "NoParams",
+    "PayloadTooLarge",
+    "ResultTooLarge",
     "Retry",
     "TaskEventInfo",
     "TaskInfo",

@@ -5,6 +5,10 @@
     ├── UnknownTaskType           no task class by that name   (HTTP 404)
     ├── TaskTypeAlreadyRegistered a second class under a name
     ├── InvalidParams             params fail the class's model (HTTP 422)
+    ├── PayloadTooLarge           a value's JSON is over its size limit
+    │   ├── ParamsTooLarge        params over max_params_bytes (raised as InvalidParams)
+    │   ├── ResultTooLarge        a result over max_result_bytes; the run fails
+    │   └── CheckpointTooLarge    a checkpoint over max_checkpoint_bytes
     ├── InvalidTransition         the status does not allow it (HTTP 409)
     └── ManagerNotRunning         used before startup or after shutdown (HTTP 503)
 
@@ -19,7 +23,7 @@ swallow them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from taskmill.status import Action, ControlRequest, TaskStatus, allowed_actions
 
@@ -62,6 +66,57 @@ class InvalidParams(TaskmillError):
             for e in self.errors
         )
         super().__init__(f"Invalid params for task type {name!r}: {fields}.")
+
+
+class PayloadTooLarge(TaskmillError):
+    """A value whose JSON is larger than the manager's limit for it.
+
+    taskmill raises the subclasses, which name the ``TaskManager`` argument
+    that sets each limit.
+    """
+
+    #: The ``TaskManager`` argument that sets the limit.
+    setting: ClassVar[str] = "a TaskManager limit"
+    #: What to do instead, as a sentence.
+    advice: ClassVar[str] = "Store less, or raise the limit."
+
+    def __init__(self, label: str, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"{label} is {size} bytes as JSON (UTF-8), over the limit of {limit} "
+            f"bytes set by {self.setting}. {self.advice}"
+        )
+
+
+class ParamsTooLarge(PayloadTooLarge):
+    """Params whose JSON exceeds ``max_params_bytes``; reported as ``InvalidParams``."""
+
+    setting = "max_params_bytes"
+    advice = (
+        "Pass large inputs by reference (a path, a URL or a row id), "
+        "or raise max_params_bytes in TaskManager()."
+    )
+
+
+class ResultTooLarge(PayloadTooLarge):
+    """A result of ``run()`` whose JSON exceeds ``max_result_bytes``."""
+
+    setting = "max_result_bytes"
+    advice = (
+        "Store large output elsewhere (a file or a table) and return a "
+        "reference to it, or raise max_result_bytes in TaskManager()."
+    )
+
+
+class CheckpointTooLarge(PayloadTooLarge):
+    """A checkpoint state whose JSON exceeds ``max_checkpoint_bytes``."""
+
+    setting = "max_checkpoint_bytes"
+    advice = (
+        "Keep checkpoints to what a run needs to resume, "
+        "or raise max_checkpoint_bytes in TaskManager()."
+    )
 
 
 class InvalidTransition(TaskmillError):

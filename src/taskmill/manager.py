@@ -28,6 +28,7 @@ from taskmill.database import DEFAULT_DATABASE_URL, Database
 from taskmill.exceptions import (
     InvalidParams,
     InvalidTransition,
+    ParamsTooLarge,
     TaskTypeAlreadyRegistered,
     UnknownTaskType,
 )
@@ -77,6 +78,20 @@ class TaskManager:
         or its host did), another runner takes the task back once the lease
         has expired. A runner on this host whose process is gone loses its
         tasks at once.
+    max_params_bytes:
+        The largest params that ``create()`` accepts, in bytes of compact
+        JSON in UTF-8, as stored (validated, defaults filled in). Larger
+        params raise ``InvalidParams`` (HTTP 422). Params are returned with
+        every task that the API lists, so pass large inputs by reference.
+    max_result_bytes:
+        The largest result of a run, measured as params are. A larger result
+        fails the run with a ``ResultTooLarge`` error. Results are returned
+        with every task that the API lists, up to 500 a page.
+    max_checkpoint_bytes:
+        The largest checkpoint state, measured as params are. ``checkpoint()``
+        raises ``CheckpointTooLarge`` for a larger one, which fails the run
+        unless the task catches it. Checkpoints are never returned by the
+        API, but each one is written whole, so this limit is the loosest.
     """
 
     def __init__(
@@ -88,16 +103,38 @@ class TaskManager:
         poll_interval: float = 1.0,
         shutdown_grace: float = 10.0,
         lease_duration: float = 60.0,
+        max_params_bytes: int = 64 * 1024,
+        max_result_bytes: int = 1024 * 1024,
+        max_checkpoint_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         if max_workers < 0:
             raise ValueError(
                 f"max_workers must be 0 (run no tasks) or more, got {max_workers!r}."
             )
-        if not lease_duration > 0:
+        for setting, seconds in (
+            ("progress_interval", progress_interval),
+            ("poll_interval", poll_interval),
+            ("lease_duration", lease_duration),
+        ):
+            if not 0 < seconds <= _MAX_SECONDS:
+                raise ValueError(
+                    f"{setting} must be a number of seconds above 0 and at most "
+                    f"{_MAX_SECONDS:g}, got {seconds!r}."
+                )
+        if not 0 <= shutdown_grace <= _MAX_SECONDS:
             raise ValueError(
-                f"lease_duration must be a positive number of seconds, "
-                f"got {lease_duration!r}."
+                f"shutdown_grace must be a number of seconds from 0 to "
+                f"{_MAX_SECONDS:g}, got {shutdown_grace!r}."
             )
+        for setting, value in (
+            ("max_params_bytes", max_params_bytes),
+            ("max_result_bytes", max_result_bytes),
+            ("max_checkpoint_bytes", max_checkpoint_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"{setting} must be a positive number of bytes, got {value!r}."
+                )
         self._owns_database = not isinstance(database, Database)
         self.database = (
             database if isinstance(database, Database) else Database(database)
@@ -107,6 +144,9 @@ class TaskManager:
         self.poll_interval = poll_interval
         self.shutdown_grace = shutdown_grace
         self.lease_duration = lease_duration
+        self.max_params_bytes = max_params_bytes
+        self.max_result_bytes = max_result_bytes
+        self.max_checkpoint_bytes = max_checkpoint_bytes
         #: Identifies this manager's runs in the ``owner`` column.
         self.runner_id = runners.new_runner_id()
         self._types: dict[str, type[BaseTask[Any]]] = {}
@@ -269,7 +309,7 @@ class TaskManager:
     ) -> TaskInfo:
         """Store a new task and queue it; with ``start=False`` it is held as PAUSED."""
         task_class = self._task_class(name)
-        stored = _validate_params(task_class, params)
+        stored = _validate_params(task_class, params, self.max_params_bytes)
         status = TaskStatus.PENDING if start else TaskStatus.PAUSED
         reason = "created" if start else "created held until started"
         with self.database.write() as session:
@@ -563,6 +603,9 @@ class TaskManager:
             live.claiming = False
             # The stored request, never one left in memory by an earlier run.
             live.request = task.control
+            if live.request is None and not self._accepting:
+                # Claimed while the manager shuts down: back to PENDING at once.
+                live.request = RunnerRequest.SUSPEND
         timeout = run.task_class.timeout
         if timeout is not None:
             loop = asyncio.get_running_loop()
@@ -651,7 +694,10 @@ class TaskManager:
             # A run suspended because the database failed stays tracked, and
             # the next poll queues it again: that interval is its backoff.
             ended = status is None or status.is_terminal
-            if ended and not live.queued and self._live.get(live.task_id) is live:
+            # A newer run of the task may have started here meanwhile: the
+            # entry is then its own.
+            newer = live.queued or live.claiming or live.run is not None
+            if ended and not newer and self._live.get(live.task_id) is live:
                 del self._live[live.task_id]
         if status == TaskStatus.PENDING and run.run_after is not None:
             self._track(live.task_id, live.name, queue=True, run_after=run.run_after)
@@ -713,7 +759,9 @@ class TaskManager:
         two runners both queue still runs once.
         """
         with self.database.read() as session:
-            rows = crud.list_queued(session, limit=self.max_workers * 64)
+            rows = crud.list_queued(
+                session, names=builtins.list(self._types), limit=self.max_workers * 64
+            )
         now = utcnow()
         with self._lock:
             idle = {
@@ -749,16 +797,20 @@ class TaskManager:
             self._signal(live.task_id, RunnerRequest.SUSPEND)
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=grace)
-        await asyncio.to_thread(self._suspend_remaining, lives)
+        await asyncio.to_thread(self._suspend_remaining)
         pending = [*self._runs, *([self._upkeep] if self._upkeep else [])]
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=1.0)
 
-    def _suspend_remaining(self, lives: builtins.list[LiveTask]) -> None:
+    def _suspend_remaining(self) -> None:
         """Put back to PENDING the runs that did not end within the grace."""
         self._retry_unrecorded()
+        with self._lock:
+            # Read again: a claim that was under way when the drain began may
+            # have started a run since.
+            lives = [live for live in self._live.values() if live.run is not None]
         for live in lives:
             run = live.run
             if run is None or run.unrecorded is not None:
@@ -794,6 +846,10 @@ class TaskManager:
                 extra={"event": "manager.release_failed", "runner_id": self.runner_id},
             )
 
+
+#: The longest interval, lease or grace accepted, in seconds: one year. Also
+#: rejects NaN and infinity, which would stall the upkeep loop or the claims.
+_MAX_SECONDS = 365 * 24 * 3600.0
 
 #: Requests that a timeout does not replace: the run ends as they ask.
 _OUTRANKS_TIMEOUT = (ControlRequest.STOP, RunnerRequest.SUSPEND)
@@ -846,12 +902,15 @@ def _check_task_class(task_class: Any) -> None:
 
 
 def _validate_params(
-    task_class: type[BaseTask[Any]], params: Mapping[str, Any] | BaseModel | None
+    task_class: type[BaseTask[Any]],
+    params: Mapping[str, Any] | BaseModel | None,
+    max_bytes: int,
 ) -> dict[str, Any]:
     """Validate params and return them as stored; raise ``InvalidParams``.
 
     The stored JSON is validated again in JSON mode, as a run reads it, so
     params that would not load back are rejected now rather than at run time.
+    Params whose JSON is longer than ``max_bytes`` are rejected too.
     """
     model = task_class.params_model
     try:
@@ -862,11 +921,18 @@ def _validate_params(
         else:
             validated = model.model_validate(dict(params or {}))
         stored: dict[str, Any] = to_json_value(
-            validated.model_dump(mode="json"), "Params"
+            validated.model_dump(mode="json"),
+            "The params object",
+            max_bytes=max_bytes,
+            too_large=ParamsTooLarge,
         )
         model.model_validate_json(json.dumps(stored))
     except ValidationError as exc:
         raise InvalidParams(task_class.name, exc.errors(include_url=False)) from exc
+    except ParamsTooLarge as exc:
+        # InvalidParams ends its message with a period of its own.
+        error = {"loc": (), "msg": str(exc).removesuffix("."), "type": "too_large"}
+        raise InvalidParams(task_class.name, [error]) from exc
     except (PydanticSerializationError, TypeError) as exc:
         error = {"loc": (), "msg": f"params must be JSON-serializable ({exc})"}
         raise InvalidParams(task_class.name, [error]) from exc

@@ -19,8 +19,10 @@ from taskmill import crud
 from taskmill._json import clean_text, to_json_value
 from taskmill.database import is_transient
 from taskmill.exceptions import (
+    CheckpointTooLarge,
     DatabaseUnavailable,
     PauseRequested,
+    ResultTooLarge,
     RunTakenBack,
     StopRequested,
     SuspendRequested,
@@ -134,7 +136,12 @@ class Run:
     def save_checkpoint(
         self, state: Any, effects: Callable[[Session], object] | None = None
     ) -> None:
-        state = to_json_value(state, "Checkpoint state")
+        state = to_json_value(
+            state,
+            "The checkpoint state",
+            max_bytes=self.manager.max_checkpoint_bytes,
+            too_large=CheckpointTooLarge,
+        )
         try:
             with self.write_lock, self.database.write() as session:
                 # The ownership check comes first, so that a run that lost its
@@ -336,7 +343,8 @@ class Run:
         where = "at an await in an async hook"
         if self.live.request == ControlRequest.STOP:
             return self._settle(StopRequested(where))
-        if self.live.request == RunnerRequest.SUSPEND:
+        if self.live.request == RunnerRequest.SUSPEND or not self.manager.is_running:
+            # Cancelled by a shutdown, whether or not the request reached it.
             return self._settle(SuspendRequested(where))
         if self.live.request == RunnerRequest.TIME_OUT:
             return self._settle(self._time_limit_exceeded(where))
@@ -364,7 +372,12 @@ class Run:
         """Check what ``run()`` returned before ``post()`` is called."""
         if self.live.request == ControlRequest.STOP:
             raise StopRequested("after run() returned")
-        self.result = to_json_value(result, "The result")
+        self.result = to_json_value(
+            result,
+            "The result",
+            max_bytes=self.manager.max_result_bytes,
+            too_large=ResultTooLarge,
+        )
         instance.result = result
         self.phase = "post"
 
