@@ -149,13 +149,14 @@ def list_unfinished(session: Session) -> list[tuple[str, str, TaskStatus]]:
 
 
 def list_queued(
-    session: Session, *, limit: int
+    session: Session, *, names: Sequence[str], limit: int
 ) -> list[tuple[str, str, dt.datetime | None]]:
-    """Return id, name and ``run_after`` of the oldest PENDING tasks."""
+    """Return id, name and ``run_after`` of the oldest due PENDING tasks of ``names``."""
     statement = (
         select(TaskRow.id, TaskRow.name, TaskRow.run_after)
         .where(
             TaskRow.status == TaskStatus.PENDING,
+            TaskRow.name.in_(names),
             or_(TaskRow.run_after.is_(None), TaskRow.run_after <= utcnow()),
         )
         .order_by(TaskRow.created_at, TaskRow.id)
