@@ -6,9 +6,7 @@ import asyncio
 import builtins
 import datetime as dt
 import functools
-import json
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -17,24 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
-from pydantic_core import PydanticSerializationError
+from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
-from taskmill import crud, runners
-from taskmill._json import to_json_value
+from taskmill import crud, registry, runners
 from taskmill.database import DEFAULT_DATABASE_URL, Database
 from taskmill.exceptions import (
-    InvalidParams,
     InvalidTransition,
-    ParamsTooLarge,
     TaskTypeAlreadyRegistered,
     UnknownTaskType,
 )
 from taskmill.models import utcnow
-from taskmill.outcome import Outcome, error_record, failed
-from taskmill.retry import Retry
+from taskmill.outcome import error_record, failed
 from taskmill.runner import LiveTask, Request, Run, RunnerRequest
 from taskmill.schemas import TaskEventInfo, TaskInfo
 from taskmill.status import (
@@ -167,7 +159,7 @@ class TaskManager:
 
     def register(self, task_class: T) -> T:
         """Register a task class under its ``name``; usable as a decorator."""
-        _check_task_class(task_class)
+        registry.check_task_class(task_class)
         name = task_class.name
         if self._types.get(name, task_class) is not task_class:
             raise TaskTypeAlreadyRegistered(name)
@@ -309,7 +301,7 @@ class TaskManager:
     ) -> TaskInfo:
         """Store a new task and queue it; with ``start=False`` it is held as PAUSED."""
         task_class = self._task_class(name)
-        stored = _validate_params(task_class, params, self.max_params_bytes)
+        stored = registry.validate_params(task_class, params, self.max_params_bytes)
         status = TaskStatus.PENDING if start else TaskStatus.PAUSED
         reason = "created" if start else "created held until started"
         with self.database.write() as session:
@@ -533,7 +525,7 @@ class TaskManager:
             if lost is None:
                 continue
             with self.database.write() as session:
-                recovered = _recover(session, row, task_class, lost)
+                recovered = runners.recover(session, row, task_class, lost)
             if recovered is not None and recovered[0] == TaskStatus.PENDING:
                 self._track(row.id, row.name, queue=True, run_after=recovered[1])
 
@@ -866,143 +858,3 @@ _ACTION_RESULTS: dict[Action, tuple[TaskStatus, str, Mapping[str, Any]]] = {
     ),
     Action.RESTART: (TaskStatus.PENDING, "restarted by request", crud.RUN_RESET),
 }
-
-
-def _check_task_class(task_class: Any) -> None:
-    label = getattr(task_class, "__qualname__", repr(task_class))
-    if not (isinstance(task_class, type) and issubclass(task_class, BaseTask)):
-        raise TypeError(f"Cannot register {label}: task types must subclass BaseTask.")
-    name = getattr(task_class, "name", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(
-            f"Cannot register task class {label}: set a class attribute "
-            "`name` (a non-empty str)."
-        )
-    missing = sorted(getattr(task_class, "__abstractmethods__", ()))
-    if missing:
-        raise TypeError(
-            f"Cannot register task class {label}: it does not define "
-            f"{', '.join(m + '()' for m in missing)}. A task defines pre(), run() "
-            "and post(); a hook with nothing to do can just `pass`."
-        )
-    if not isinstance(task_class.retry, Retry):
-        raise TypeError(
-            f"Cannot register task class {label}: `retry` must be a Retry "
-            f"instance, got {task_class.retry!r}."
-        )
-    timeout = task_class.timeout
-    valid_number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
-    if timeout is not None and not (
-        valid_number and math.isfinite(timeout) and timeout > 0
-    ):
-        raise TypeError(
-            f"Cannot register task class {label}: `timeout` must be None or a "
-            f"positive number of seconds, got {timeout!r}."
-        )
-
-
-def _validate_params(
-    task_class: type[BaseTask[Any]],
-    params: Mapping[str, Any] | BaseModel | None,
-    max_bytes: int,
-) -> dict[str, Any]:
-    """Validate params and return them as stored; raise ``InvalidParams``.
-
-    The stored JSON is validated again in JSON mode, as a run reads it, so
-    params that would not load back are rejected now rather than at run time.
-    Params whose JSON is longer than ``max_bytes`` are rejected too.
-    """
-    model = task_class.params_model
-    try:
-        if isinstance(params, model):
-            validated = params
-        elif isinstance(params, BaseModel):
-            validated = model.model_validate(params.model_dump())
-        else:
-            validated = model.model_validate(dict(params or {}))
-        stored: dict[str, Any] = to_json_value(
-            validated.model_dump(mode="json"),
-            "The params object",
-            max_bytes=max_bytes,
-            too_large=ParamsTooLarge,
-        )
-        model.model_validate_json(json.dumps(stored))
-    except ValidationError as exc:
-        raise InvalidParams(task_class.name, exc.errors(include_url=False)) from exc
-    except ParamsTooLarge as exc:
-        # InvalidParams ends its message with a period of its own.
-        error = {"loc": (), "msg": str(exc).removesuffix("."), "type": "too_large"}
-        raise InvalidParams(task_class.name, [error]) from exc
-    except (PydanticSerializationError, TypeError) as exc:
-        error = {"loc": (), "msg": f"params must be JSON-serializable ({exc})"}
-        raise InvalidParams(task_class.name, [error]) from exc
-    return stored
-
-
-def _recover(
-    session: Session,
-    seen: crud.RunningTask,
-    task_class: type[BaseTask[Any]],
-    lost: str,
-) -> tuple[TaskStatus, dt.datetime | None] | None:
-    """Take back a RUNNING task whose runner is gone or whose lease expired.
-
-    ``seen`` is the row as it was read before this write transaction; if the
-    run changed since (it ended, or its owner renewed the lease), nothing is
-    written and None is returned. Otherwise returns the new status and, for a
-    task that waits for its retry backoff, when it may run.
-    """
-    task = crud.get_task(session, seen.id, for_update=True)
-    now = utcnow()
-    if (
-        task.status != TaskStatus.RUNNING
-        or task.owner != seen.owner
-        or runners.lease_lost(task.owner, task.lease_expires_at, now) is None
-    ):
-        return None
-    failures = task.failures + 1
-    policy = task_class.retry
-    was = (
-        f"interrupted: runner {task.owner} ended during attempt {task.attempts} "
-        f"({lost}) at {task.progress:g} %"
-    )
-    values: dict[str, Any] = {
-        "owner": None,
-        "control": None,
-        "recoveries": task.recoveries + 1,
-        "failures": failures,
-    }
-    outcome = Outcome(TaskStatus.PENDING, was, values).honouring(task.control)
-    if outcome.status == TaskStatus.PENDING and not task_class.resumable:
-        outcome = _interrupted(was, "the task type is not resumable", values)
-    elif outcome.status == TaskStatus.PENDING and failures >= policy.max_attempts:
-        detail = (
-            f"exceeded max attempts ({policy.max_attempts}), last attempt interrupted"
-        )
-        outcome = _interrupted(was, detail, values)
-    elif outcome.status == TaskStatus.PENDING:
-        delay = policy.delay(failures)
-        values["run_after"] = now + dt.timedelta(seconds=delay)
-        reason = f"{was}; resumes from its last checkpoint in {delay:.1f} s"
-        outcome = Outcome(TaskStatus.PENDING, reason, values)
-    crud.change_status(
-        session, task.id, outcome.status, reason=outcome.reason, values=outcome.values
-    )
-    level = logging.ERROR if outcome.status == TaskStatus.FAILED else logging.WARNING
-    logger.log(
-        level,
-        "Task %s (%s) %s",
-        task.id,
-        task.name,
-        outcome.reason,
-        extra={"event": "task.recovered", "task_id": task.id, "task_name": task.name},
-    )
-    return outcome.status, outcome.values.get("run_after")
-
-
-def _interrupted(was: str, detail: str, values: dict[str, Any]) -> Outcome:
-    """Return the FAILED outcome of an interrupted run that must not run again."""
-    reason = f"{was}; {detail}"
-    error = {**error_record(RuntimeError(reason), "recovery"), "type": "Interrupted"}
-    values = values | {"error": error, "finished_at": utcnow()}
-    return Outcome(TaskStatus.FAILED, reason, values)
