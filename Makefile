@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# ARGS passes options to taskmill serve, e.g. make demo ARGS="--port 8001".
 demo: $(STAMP)
-	$(VENV)/bin/taskmill serve
+	$(VENV)/bin/taskmill serve $(ARGS)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy
 
-from taskmill import Retry, TaskManager, TaskStatus, crud
+from taskmill import BaseTask, NoParams, Retry, TaskManager, TaskStatus, crud
 from taskmill.models import utcnow
 from taskmill.runners import new_runner_id
 from tests.conftest import eventually
@@ -606,3 +606,33 @@ def test_lease_renewed_before_it_expires(make_manager: MakeManager) -> None:
         time.sleep(0.05)
     assert not expired, f"the lease had expired for up to {max(expired):.2f} s"
     assert manager.wait(task_id).recoveries == 0
+
+
+class TimedSilentTask(BaseTask[NoParams]):
+    """A run that blocks past its limit and returns without any checkpoint."""
+
+    name = "silent_timed"
+    timeout = 0.3
+
+    def pre(self) -> None:
+        pass
+
+    def run(self) -> str:
+        time.sleep(0.8)
+        return "done"
+
+    def post(self) -> None:
+        pass
+
+
+def test_timeout_fails_run_that_returns_late(make_manager: MakeManager) -> None:
+    manager = make_manager(TimedSilentTask)
+    task_id = manager.create("silent_timed").id
+
+    failed = manager.wait(task_id)
+
+    assert failed.status == S.FAILED
+    assert failed.result is None
+    assert failed.error is not None
+    assert failed.error.type == "TimeLimitExceeded"
+    assert "after run() returned" in failed.error.message

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -202,12 +204,18 @@ def watch(
     STOPPED, and 130 after Ctrl-C, which stops the watching, not the task.
     """
     console = _console()
+    interrupted = threading.Event()
+    # A flag that the loop checks, rather than KeyboardInterrupt, which could
+    # land inside a database call or the progress bar's own thread.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
     try:
         with _open_manager(db) as manager:
-            task = _watch(manager, db, task_id, interval, console)
-    except KeyboardInterrupt:
+            task = _watch(manager, db, task_id, interval, console, interrupted)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if task is None:
         console.print("Stopped watching; the task goes on.")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(EXIT_INTERRUPTED)
     console.print(_ending(task))
     if task.status != TaskStatus.FINISHED:
         raise typer.Exit(1)
@@ -217,9 +225,17 @@ def watch(
 
 
 def _watch(
-    manager: TaskManager, db: str, task_id: str, interval: float, console: Console
-) -> TaskInfo:
-    """Show the task until it reaches a terminal status; return its last state."""
+    manager: TaskManager,
+    db: str,
+    task_id: str,
+    interval: float,
+    console: Console,
+    interrupted: threading.Event,
+) -> TaskInfo | None:
+    """Show the task until it reaches a terminal status; return its last state.
+
+    Returns None once ``interrupted`` is set.
+    """
     task = _call(db, lambda: manager.get(task_id))
     console.print(
         f"Watching {escape(task.name)} {task.id}; Ctrl-C stops watching, not the task."
@@ -249,6 +265,8 @@ def _watch(
             if task.status.is_terminal:
                 return task
             time.sleep(interval)
+            if interrupted.is_set():
+                return None
             task = _read_if_available(db, lambda: manager.get(task_id)) or task
 
 

@@ -372,6 +372,9 @@ class Run:
         """Check what ``run()`` returned before ``post()`` is called."""
         if self.live.request == ControlRequest.STOP:
             raise StopRequested("after run() returned")
+        if self.live.request == RunnerRequest.TIME_OUT:
+            # A run that reached no checkpoint past its limit still fails.
+            raise self._time_limit_exceeded("after run() returned")
         self.result = to_json_value(
             result,
             "The result",
