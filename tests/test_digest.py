@@ -7,27 +7,40 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
+from taskmill import TaskManager, create_router
 from taskmill.examples import digest
 from taskmill.examples.digest import (
+    ROOTS_VARIABLE,
     DigestParams,
     DirectoryDigest,
     ManifestDigest,
+    PathNotAllowed,
     check_root,
     format_manifest_line,
     hash_file,
     list_files,
 )
 from taskmill.exceptions import PauseRequested
-from tests.conftest import run_pipeline
+from tests.conftest import eventually, run_pipeline
 
 # -r keeps xargs from running sha256sum on its empty stdin when there are no files.
 PIPELINE = "find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum"
 BIG_FILE_SIZE = digest.CHUNK_SIZE + 17  # so hashing it takes two reads
+
+
+@pytest.fixture(autouse=True)
+def digest_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the task read the test's temporary directory, outside the current one."""
+    monkeypatch.setenv(ROOTS_VARIABLE, str(tmp_path))
 
 
 class FakeRuntime:
@@ -534,3 +547,179 @@ def test_task_resume_progress_continues(
     runtime = FakeRuntime()
     run_task(make_task(tmp_path, runtime, state=interrupted.checkpoints[-1]))
     assert runtime.progress[0][1] == f"Hashed 4 of {total} files"
+
+
+# allowed roots
+
+
+@pytest.fixture
+def client(database_url: str) -> Iterator[TestClient]:
+    manager = TaskManager(database_url, progress_interval=0.05, shutdown_grace=1)
+    manager.register(DirectoryDigest)
+    app = FastAPI(lifespan=manager.lifespan)
+    app.include_router(create_router(manager))
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
+def allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An allowed root with one file in it; tmp_path itself is outside it."""
+    root = tmp_path / "allowed"
+    write(root, "data/file.txt", b"inside\n")
+    write(tmp_path, "outside/secret.txt", b"outside\n")
+    monkeypatch.setenv(ROOTS_VARIABLE, str(root))
+    return root
+
+
+def create_digest(client: TestClient, path: str | Path, **body: object) -> Any:
+    return client.post(
+        "/tasks",
+        json={"name": "directory_digest", "params": {"path": str(path)}, **body},
+    )
+
+
+def rejection(response: Any) -> str:
+    """Return the message of a 422 for the path param."""
+    assert response.status_code == 422, response.text
+    error = response.json()["detail"][0]
+    assert error["loc"] == ["body", "params", "path"]
+    message: str = error["msg"]
+    return message
+
+
+def test_roots_accept_path_inside(client: TestClient, allowed: Path) -> None:
+    response = create_digest(client, allowed / "data")
+    assert response.status_code == 201, response.text
+
+
+def test_roots_accept_root_itself(client: TestClient, allowed: Path) -> None:
+    response = create_digest(client, allowed)
+    assert response.status_code == 201, response.text
+
+
+def test_roots_reject_path_outside(
+    client: TestClient, allowed: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    message = rejection(create_digest(client, outside))
+    assert f"Path {str(outside)!r} is outside" in message
+    assert repr(str(allowed)) in message
+    assert ROOTS_VARIABLE in message
+    assert client.get("/tasks").json() == []
+
+
+def test_roots_reject_sibling_with_same_prefix(
+    client: TestClient, allowed: Path, tmp_path: Path
+) -> None:
+    sibling = tmp_path / "allowed-not"
+    sibling.mkdir()
+    assert "is outside" in rejection(create_digest(client, sibling))
+
+
+def test_roots_reject_dotdot_escape(client: TestClient, allowed: Path) -> None:
+    escape = f"{allowed}/data/../../outside"
+    message = rejection(create_digest(client, escape))
+    assert repr(escape) in message
+    assert "outside the directories" in message
+
+
+def test_roots_reject_symlink_escape(
+    client: TestClient, allowed: Path, tmp_path: Path
+) -> None:
+    link = allowed / "link"
+    link.symlink_to(tmp_path / "outside")
+    message = rejection(create_digest(client, link))
+    assert f"resolves to {str(tmp_path / 'outside')!r}" in message
+
+
+def test_roots_reject_symlink_in_parent(
+    client: TestClient, allowed: Path, tmp_path: Path
+) -> None:
+    (allowed / "up").symlink_to(tmp_path)
+    assert "resolves to" in rejection(create_digest(client, allowed / "up/outside"))
+
+
+def test_roots_accept_symlink_inside(client: TestClient, allowed: Path) -> None:
+    (allowed / "link").symlink_to(allowed / "data")
+    assert create_digest(client, allowed / "link").status_code == 201
+
+
+def test_roots_multiple(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second, third = (tmp_path / name for name in ("first", "second", "third"))
+    for root in (first, second, third):
+        root.mkdir()
+    monkeypatch.setenv(ROOTS_VARIABLE, f"{first}{os.pathsep}{os.pathsep}{second}")
+    assert create_digest(client, first).status_code == 201
+    assert create_digest(client, second).status_code == 201
+    message = rejection(create_digest(client, third))
+    assert repr(str(first)) in message
+    assert repr(str(second)) in message
+
+
+def test_roots_default_to_current_directory(
+    client: TestClient, allowed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ROOTS_VARIABLE)
+    monkeypatch.chdir(allowed)
+    assert create_digest(client, "data").status_code == 201
+    assert create_digest(client, ".").status_code == 201
+    message = rejection(create_digest(client, tmp_path / "outside"))
+    assert repr(str(allowed)) in message
+
+
+def test_roots_reject_nul_byte(client: TestClient, allowed: Path) -> None:
+    message = rejection(create_digest(client, f"{allowed}/a\x00b"))
+    assert "Invalid path" in message
+
+
+def test_roots_checked_again_at_run_time(
+    client: TestClient, allowed: Path, tmp_path: Path
+) -> None:
+    created = create_digest(client, allowed / "data", start=False)
+    assert created.status_code == 201, created.text
+    task_id = created.json()["id"]
+    shutil.rmtree(allowed / "data")
+    (allowed / "data").symlink_to(tmp_path / "outside")
+    assert client.post(f"/tasks/{task_id}/start").status_code == 202
+
+    def ended() -> Any:
+        task = client.get(f"/tasks/{task_id}").json()
+        return task if task["status"] in ("FINISHED", "FAILED") else None
+
+    task = eventually(ended)
+    assert task["status"] == "FAILED"
+    assert task["result"] is None
+    assert f"resolves to {str(tmp_path / 'outside')!r}" in task["error"]["message"]
+
+
+def test_task_checks_roots_in_pre(allowed: Path, tmp_path: Path) -> None:
+    # model_construct skips validation, as stored params cannot.
+    params = DigestParams.model_construct(path=str(tmp_path / "outside"))
+    task = DirectoryDigest(
+        task_id="t-1", params=params, state=None, runtime=FakeRuntime()
+    )
+    with pytest.raises(PathNotAllowed, match="outside the directories"):
+        task.pre()
+
+
+def test_task_reads_resolved_root(allowed: Path) -> None:
+    (allowed / "link").symlink_to(allowed / "data")
+    result = run_task(make_task(allowed / "link", FakeRuntime()))
+    assert result["digest"] == pipeline_digest(allowed / "data")
+
+
+def test_file_swapped_for_symlink_is_not_followed(
+    allowed: Path, tmp_path: Path
+) -> None:
+    root = os.fsencode(allowed)
+    paths = list_files(root)
+    assert paths == [b"./data/file.txt"]
+    os.remove(allowed / "data/file.txt")
+    (allowed / "data/file.txt").symlink_to(tmp_path / "outside/secret.txt")
+    manifest = ManifestDigest()
+    manifest.add_file(root, paths[0])
+    assert manifest.result()["vanished"] == ["./data/file.txt"]
+    assert manifest.files == 0

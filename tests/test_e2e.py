@@ -223,7 +223,10 @@ def assert_digest_matches(
 def test_paused_task_survives_kill9(
     make_server: MakeServer, tree: Tree, database_url: str
 ) -> None:
-    server = make_server(TASKMILL_TEST_DIGEST_DELAY=str(DIGEST_DELAY))
+    server = make_server(
+        TASKMILL_TEST_DIGEST_DELAY=str(DIGEST_DELAY),
+        TASKMILL_DIGEST_ROOTS=str(tree.path),
+    )
     task_id = create_digest(server, tree)
     # Waiting for a checkpoint lets the resumed run prove that it skips files.
     wait_for_checkpoint_mid_way(server, database_url, task_id)
@@ -278,7 +281,10 @@ def test_paused_task_survives_kill9(
 def test_running_task_resumes_after_kill9(
     make_server: MakeServer, tree: Tree, database_url: str
 ) -> None:
-    server = make_server(TASKMILL_TEST_DIGEST_DELAY=str(DIGEST_DELAY))
+    server = make_server(
+        TASKMILL_TEST_DIGEST_DELAY=str(DIGEST_DELAY),
+        TASKMILL_DIGEST_ROOTS=str(tree.path),
+    )
     task_id = create_digest(server, tree)
     wait_for_checkpoint_mid_way(server, database_url, task_id)
     server.kill9()
@@ -337,7 +343,9 @@ def test_sigterm_suspends_then_resumes(
     make_server: MakeServer, tree: Tree, database_url: str
 ) -> None:
     server = make_server(
-        TASKMILL_TEST_DIGEST_DELAY=str(DIGEST_DELAY), TASKMILL_TEST_GRACE=str(GRACE)
+        TASKMILL_TEST_DIGEST_DELAY=str(DIGEST_DELAY),
+        TASKMILL_TEST_GRACE=str(GRACE),
+        TASKMILL_DIGEST_ROOTS=str(tree.path),
     )
     task_id = create_digest(server, tree)
     running = wait_for_checkpoint_mid_way(server, database_url, task_id)

@@ -15,7 +15,7 @@ import time
 import zlib
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from taskmill.task import BaseTask
 
@@ -26,15 +26,70 @@ CHUNK_SIZE = 1024 * 1024
 
 _ESCAPED_BYTES = (b"\\", b"\n", b"\r")
 
+ROOTS_VARIABLE = "TASKMILL_DIGEST_ROOTS"
+"""Directories, separated by ``os.pathsep``, that the task may read under."""
+
+
+class PathNotAllowed(PermissionError):
+    """A path that resolves to a place outside the allowed roots."""
+
+
+def allowed_roots() -> list[str]:
+    """Return the real paths of the ``TASKMILL_DIGEST_ROOTS`` directories.
+
+    Without the variable, or with no entry in it, the one root is the current
+    directory of the process. Relative entries resolve against it too.
+    """
+    entries = [
+        entry for entry in os.environ.get(ROOTS_VARIABLE, "").split(os.pathsep) if entry
+    ]
+    return [os.path.realpath(entry) for entry in entries or [os.getcwd()]]
+
+
+def resolve_within_roots(path: str) -> str:
+    """Return the real path of ``path``, with every symlink resolved.
+
+    Raises PathNotAllowed if that is not one of ``allowed_roots()`` or under
+    one, and ValueError if the path cannot be a file name (a NUL byte).
+    """
+    resolved = os.path.realpath(path)
+    roots = allowed_roots()
+    if any(os.path.commonpath([resolved, root]) == root for root in roots):
+        return resolved
+    if resolved == os.path.abspath(path):
+        subject = f"Path {path!r} is"
+    else:
+        subject = f"Path {path!r} resolves to {resolved!r}, which is"
+    raise PathNotAllowed(
+        errno.EACCES,
+        f"{subject} outside the directories that directory_digest may read "
+        f"({', '.join(map(repr, roots))}). To allow it, set {ROOTS_VARIABLE} on "
+        f"the server (directories separated by {os.pathsep!r})",
+    )
+
 
 class DigestParams(BaseModel):
     path: str = Field(
         min_length=1,
         description=(
-            "Directory to digest. A relative path resolves against the current "
-            "directory of the server process."
+            "Directory to digest, under one of the directories in "
+            f"{ROOTS_VARIABLE} (by default the current directory of the server "
+            "process). A relative path resolves against that current directory."
         ),
     )
+
+    @field_validator("path")
+    @classmethod
+    def _check_within_roots(cls, path: str) -> str:
+        # Pydantic reports a ValueError as a validation error (422), but
+        # passes an OSError through.
+        try:
+            resolve_within_roots(path)
+        except PathNotAllowed as exc:
+            raise ValueError(exc.strerror) from exc
+        except ValueError as exc:
+            raise ValueError(f"Invalid path {path!r}: {exc}") from exc
+        return path
 
 
 def check_root(root: bytes) -> None:
@@ -120,9 +175,17 @@ def hash_file(path: bytes, chunk_size: int = CHUNK_SIZE) -> tuple[str, int]:
     """Return the SHA-256 hex digest and the size in bytes of the file at path.
 
     Raises FileNotFoundError if path is missing or no longer a regular file. The
-    file is opened with O_NONBLOCK so that a FIFO put in its place cannot block.
+    file is opened with O_NONBLOCK so that a FIFO put in its place cannot block,
+    and with O_NOFOLLOW so that a symlink put in its place is not followed.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise FileNotFoundError(
+            errno.ENOENT, "No longer a regular file (now a symlink)", os.fsdecode(path)
+        ) from exc
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise FileNotFoundError(
@@ -293,7 +356,9 @@ class DirectoryDigest(BaseTask[DigestParams]):
     xargs -0 -r sha256sum`` run in the directory. Without ``-r``, GNU xargs runs
     sha256sum once on an empty directory (GNU findutils 4.9), which then prints a
     line for its empty stdin. Files removed after listing are left out and named
-    under "vanished".
+    under "vanished". The directory must be under one of ``allowed_roots()``,
+    which ``TASKMILL_DIGEST_ROOTS`` sets; that is checked when the task is
+    created and again when it runs.
 
     NOTE: a resumed run lists the tree again and skips every path that sorts at or
     before the last one done, so files created there after the checkpoint are
@@ -325,7 +390,12 @@ class DirectoryDigest(BaseTask[DigestParams]):
         )
 
     def _root(self) -> bytes:
-        return os.path.abspath(os.fsencode(self.params.path))
+        # Checked again at run time: a symlink may have been put in place since
+        # the task was created. The walk reads the resolved path, so a symlink
+        # put in place after this check is not followed.
+        # NOTE: a directory inside the tree replaced by a symlink during the
+        # walk is still followed, because the walk opens paths by name.
+        return os.fsencode(resolve_within_roots(self.params.path))
 
     def _hash_files(
         self, root: bytes, paths: list[bytes], manifest: ManifestDigest
