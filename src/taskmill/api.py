@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
@@ -25,6 +26,7 @@ from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from starlette.exceptions import HTTPException
 
 from taskmill._json import clean_text
 from taskmill.dashboard import add_dashboard_routes
@@ -39,7 +41,13 @@ from taskmill.exceptions import (
 )
 from taskmill.feed import Batch, Subscription, feed_for
 from taskmill.manager import TaskManager
-from taskmill.schemas import TaskCreate, TaskEventInfo, TaskInfo, TaskTypeInfo
+from taskmill.schemas import (
+    TaskCreate,
+    TaskEventInfo,
+    TaskInfo,
+    TaskTypeInfo,
+    nesting_depth,
+)
 from taskmill.status import Action, TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -52,6 +60,8 @@ MAX_OFFSET = 2**62
 STREAM_RETRY_MS = 2000
 #: Seconds between two checks of an open stream that the manager still runs.
 STREAM_CHECK_INTERVAL = 1.0
+#: A 422 response leaves out the input of an error if it nests deeper than this.
+MAX_ECHOED_DEPTH = 32
 
 
 def create_router(
@@ -99,7 +109,14 @@ def create_router(
     @router.post(
         "/tasks",
         status_code=status.HTTP_201_CREATED,
-        responses={404: {"model": ErrorBody, "description": "Unknown task type."}},
+        responses={
+            400: {
+                "model": ErrorBody,
+                "description": "The body cannot be parsed: not UTF-8, nested too "
+                "deeply, or an integer with too many digits.",
+            },
+            404: {"model": ErrorBody, "description": "Unknown task type."},
+        },
     )
     def create_task(body: TaskCreate) -> TaskInfo:
         """Create a task; it runs as soon as a worker is free unless `start` is false."""
@@ -328,10 +345,58 @@ class _TaskmillRoute(APIRoute):
             except RequestValidationError as exc:
                 # FastAPI's own handler echoes the input back, and fails on a
                 # NaN or an unpaired surrogate in it.
-                detail = _json_safe(jsonable_encoder(exc.errors()))
+                errors = [_without_deep_input(error) for error in exc.errors()]
+                detail = _json_safe(jsonable_encoder(errors))
                 return JSONResponse({"detail": detail}, status_code=422)
+            except HTTPException as exc:
+                # FastAPI answers a body that json.loads() rejects with anything
+                # but a JSONDecodeError with a 400 that does not say why. It
+                # raises Starlette's HTTPException, the base of FastAPI's.
+                cause = exc.__cause__
+                if exc.detail != _FASTAPI_BODY_ERROR or not isinstance(
+                    cause, _BODY_PARSE_ERRORS
+                ):
+                    raise
+                detail = _body_parse_error_message(cause)
+                return JSONResponse({"detail": detail}, status_code=400)
 
         return handle
+
+
+#: The detail of the 400 that FastAPI (0.165) returns for such a body.
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+#: What json.loads() raises, besides JSONDecodeError, on a body it cannot parse.
+_BODY_PARSE_ERRORS = (UnicodeDecodeError, RecursionError, ValueError)
+
+
+def _body_parse_error_message(cause: Exception) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"The request body is not valid UTF-8 ({cause.reason} at byte "
+            f"{cause.start}); send JSON encoded in UTF-8."
+        )
+    if isinstance(cause, RecursionError):
+        return (
+            "The request body is JSON nested too deeply to parse; "
+            "nest its objects and arrays less deeply."
+        )
+    if "integer string conversion" in str(cause):
+        return (
+            "The request body has an integer of more than "
+            f"{sys.get_int_max_str_digits()} digits; send it as a string."
+        )
+    return f"The request body is not valid JSON: {clean_text(str(cause))}"
+
+
+def _without_deep_input(error: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop the echoed ``input`` of a validation error if it nests too deeply.
+
+    Encoding the input back recurses once per level, so an input nested a few
+    hundred levels deep would exceed Python's recursion limit.
+    """
+    if nesting_depth(error.get("input")) <= MAX_ECHOED_DEPTH:
+        return dict(error)
+    return {key: value for key, value in error.items() if key != "input"}
 
 
 def _json_safe(value: Any) -> Any:

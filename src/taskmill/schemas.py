@@ -5,9 +5,15 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
 from taskmill.status import Action, ControlRequest, TaskStatus, allowed_actions
+
+#: The deepest nesting of objects and arrays that ``POST /tasks`` accepts in
+#: params, the params object itself being level 1. Pydantic 2.14 cannot read
+#: back JSON nested more than about 200 levels, so deeper params could never be
+#: stored. Its serializer raises ValueError past about 250 levels.
+MAX_PARAMS_DEPTH = 100
 
 
 class TaskError(BaseModel):
@@ -91,6 +97,17 @@ class TaskCreate(BaseModel):
         default=True, description="False creates the task held (PAUSED) until started."
     )
 
+    @field_validator("params")
+    @classmethod
+    def _check_params_depth(cls, params: dict[str, Any]) -> dict[str, Any]:
+        depth = nesting_depth(params)
+        if depth > MAX_PARAMS_DEPTH:
+            raise ValueError(
+                f"params are nested {depth} levels deep, more than the "
+                f"{MAX_PARAMS_DEPTH} allowed; flatten them"
+            )
+        return params
+
 
 class TaskTypeInfo(BaseModel):
     """A registered task type and the JSON schema of its params."""
@@ -98,3 +115,20 @@ class TaskTypeInfo(BaseModel):
     name: str
     description: str | None
     params_schema: dict[str, Any]
+
+
+def nesting_depth(value: Any) -> int:
+    """Return how deeply lists and dicts nest in ``value``, without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
