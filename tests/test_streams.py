@@ -21,6 +21,8 @@ from sqlalchemy import event
 
 from taskmill import BaseTask, TaskManager, create_router
 from taskmill.api import STREAM_CHECK_INTERVAL
+from taskmill.api_key import API_KEY_VARIABLE
+from taskmill.demo import create_app
 from taskmill.examples import Countdown
 from taskmill.feed import (
     MAX_PENDING,
@@ -408,3 +410,36 @@ def create_with_key(client: httpx.Client) -> str:
     assert response.status_code == 201, response.text
     task_id: str = response.json()["id"]
     return task_id
+
+
+DEMO_KEY = "stream-test-key"
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+def test_demo_streams_accept_api_key(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    monkeypatch.setenv(API_KEY_VARIABLE, DEMO_KEY)
+    with (
+        ThreadServer(create_app(database_url)) as server,
+        httpx.Client(base_url=server.url, timeout=READ_TIMEOUT) as client,
+    ):
+        response = client.post(
+            "/tasks",
+            json={"name": "countdown", "params": {"seconds": 0, "steps": 1}},
+            headers={"X-API-Key": DEMO_KEY},
+        )
+        assert response.status_code == 201, response.text
+        task_id = response.json()["id"]
+        for path in ("/tasks/stream", f"/tasks/{task_id}/stream"):
+            assert client.get(path).status_code == 401
+            wrong = client.get(path, params={"api_key": "wrong"})
+            assert wrong.status_code == 401
+            if how == "header":
+                options: dict[str, Any] = {"headers": {"X-API-Key": DEMO_KEY}}
+            else:
+                options = {"params": {"api_key": DEMO_KEY}}
+            with client.stream("GET", path, **options) as response:
+                assert response.status_code == 200
+                first = read_events(response, lambda events: True)[0][0]
+                assert first in ("counts", "task")

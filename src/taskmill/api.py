@@ -68,12 +68,16 @@ def create_router(
     manager: TaskManager,
     *,
     dependencies: Sequence[Any] | None = None,
+    control_dependencies: Sequence[Any] | None = None,
     dashboard: bool = True,
 ) -> APIRouter:
     """Build the task endpoints for ``manager``, and its dashboard at ``/dashboard``.
 
     ``dependencies`` (FastAPI ``Depends(...)``) apply to every endpoint, the
     dashboard and the streams included, e.g. to require authentication.
+    ``control_dependencies`` apply, after those, only to the endpoints that
+    change state: ``POST /tasks`` and the actions (start, resume, pause, stop,
+    restart), e.g. to let every user read but only some control.
     ``dashboard=False`` leaves out the dashboard page and its assets; the
     streams stay, as part of the API.
     """
@@ -82,6 +86,7 @@ def create_router(
         if not manager.is_running:
             raise ManagerNotRunning("serve task requests")
 
+    control = list(control_dependencies or [])
     router = APIRouter(
         tags=["tasks"],
         route_class=_TaskmillRoute,
@@ -109,6 +114,7 @@ def create_router(
     @router.post(
         "/tasks",
         status_code=status.HTTP_201_CREATED,
+        dependencies=control,
         responses={
             400: {
                 "model": ErrorBody,
@@ -152,6 +158,7 @@ def create_router(
             _action_endpoint(manager, action),
             methods=["POST"],
             status_code=status.HTTP_202_ACCEPTED,
+            dependencies=control,
             response_model=TaskInfo,
             name=f"{action.value}_task",
             summary=f"{action.value.capitalize()} a task",

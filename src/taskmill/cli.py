@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
 from taskmill import cli_tasks
+from taskmill.api_key import API_KEY_HEADER, API_KEY_VARIABLE, api_key_from_environment
 from taskmill.cli_tasks import display_url
 from taskmill.database import DEFAULT_DATABASE_URL, Database
 from taskmill.demo import (
@@ -126,12 +127,16 @@ def serve(
             "Pass 0 for web processes that run no tasks.",
             param_hint=["--concurrency"],
         )
+    try:
+        api_key_required = api_key_from_environment() is not None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=[API_KEY_VARIABLE]) from exc
     _check_database(db)
     # The app factory reads both variables, in this process or, with
     # --workers above 1, in each process that uvicorn starts.
     os.environ[DATABASE_URL_VARIABLE] = db
     os.environ[CONCURRENCY_VARIABLE] = str(concurrency)
-    typer.echo(_serve_banner(db, host, port, workers, concurrency))
+    typer.echo(_serve_banner(db, host, port, workers, concurrency, api_key_required))
     uvicorn.run(
         "taskmill.demo:create_app",
         factory=True,
@@ -443,7 +448,14 @@ def _uvicorn_log_config(level: str) -> dict[str, Any]:
     return config
 
 
-def _serve_banner(db: str, host: str, port: int, workers: int, concurrency: int) -> str:
+def _serve_banner(
+    db: str,
+    host: str,
+    port: int,
+    workers: int,
+    concurrency: int,
+    api_key_required: bool = False,
+) -> str:
     processes = "1 web process" if workers == 1 else f"{workers} web processes"
     if concurrency == 0:
         tasks = (
@@ -453,10 +465,17 @@ def _serve_banner(db: str, host: str, port: int, workers: int, concurrency: int)
     else:
         tasks = f"each running up to {concurrency} tasks at once"
     address = f"http://{_url_host(host)}:{port}"
-    return (
+    banner = (
         f"taskmill demo: {processes} {tasks}; dashboard at {address}/dashboard, "
         f"API docs at {address}/docs, database {display_url(db)}"
     )
+    if api_key_required:
+        # Names the variable, never its value.
+        banner += (
+            f"; the API requires the key from {API_KEY_VARIABLE} "
+            f"in the {API_KEY_HEADER} header"
+        )
+    return banner
 
 
 def _url_host(host: str) -> str:

@@ -5,6 +5,12 @@ at ``/dashboard``, where ``/`` redirects. The database URL
 comes from ``TASKMILL_DATABASE_URL``, and the number of tasks that each
 process runs at once from ``TASKMILL_CONCURRENCY`` (0: the process stores and
 controls tasks but runs none, so that ``taskmill worker`` processes run them).
+
+When ``TASKMILL_API_KEY`` is set, the task API and its event streams answer
+401 to requests without that key (see ``taskmill.api_key``). The dashboard's
+page, script and stylesheet stay public, because they contain no data and a
+browser cannot send a header when it opens a page; the page asks for the key
+when the API answers 401. ``/health`` and the API docs stay public too.
 """
 
 from __future__ import annotations
@@ -17,10 +23,16 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import RedirectResponse
 
 from taskmill.api import create_router
+from taskmill.api_key import (
+    StreamKeyMiddleware,
+    api_key_dependency,
+    api_key_from_environment,
+)
+from taskmill.dashboard import add_dashboard_routes
 from taskmill.database import DEFAULT_DATABASE_URL
 from taskmill.examples import Countdown, DirectoryDigest
 from taskmill.feed import close_streams
@@ -63,10 +75,15 @@ def concurrency_from_environment() -> int:
 
 
 def create_app(database_url: str | None = None) -> FastAPI:
+    """Build the demo app; raise ValueError if an environment variable is invalid."""
+    api_key = api_key_from_environment()
     manager = create_manager(database_url)
     app = FastAPI(title="taskmill demo", lifespan=manager.lifespan)
     app.state.manager = manager
-    app.include_router(create_router(manager))
+    if api_key is None:
+        app.include_router(create_router(manager))
+    else:
+        _include_protected_routes(app, manager, api_key)
 
     @app.get("/", include_in_schema=False)
     def home() -> RedirectResponse:
@@ -78,6 +95,18 @@ def create_app(database_url: str | None = None) -> FastAPI:
 
     _close_streams_on_exit_signals()
     return app
+
+
+def _include_protected_routes(app: FastAPI, manager: TaskManager, api_key: str) -> None:
+    """Add the task API behind ``api_key``, and the dashboard's files without it."""
+    app.add_middleware(StreamKeyMiddleware)
+    dependencies = [Depends(api_key_dependency(api_key))]
+    app.include_router(
+        create_router(manager, dependencies=dependencies, dashboard=False)
+    )
+    dashboard = APIRouter()
+    add_dashboard_routes(dashboard)
+    app.include_router(dashboard)
 
 
 def _close_streams_on_exit_signals() -> None:

@@ -4,6 +4,13 @@
 // "#/tasks/ID" and "#/new". Data comes from the task API by URLs relative to
 // this page, and live changes from its server-sent event streams: the server
 // polls the database and sends each changed task at most once per poll.
+//
+// A server that answers 401 with "WWW-Authenticate: APIKey" gets a form that
+// asks for the key. The key is kept in sessionStorage, so it lasts as long as
+// the tab and is not written to the profile for later sessions as
+// localStorage would. It goes in the X-API-Key header of every request, and
+// in the api_key query parameter of the event streams, because EventSource
+// cannot send headers.
 "use strict";
 
 const STATUSES = ["PENDING", "RUNNING", "PAUSED", "FINISHED", "FAILED", "STOPPED"];
@@ -11,6 +18,7 @@ const PAGE_SIZE = 50;
 // Milliseconds before reopening a stream that the server rejected (401, 503...).
 // A stream that merely dropped is reopened by the browser itself.
 const REOPEN_DELAY = 5000;
+const KEY_STORAGE = "taskmill.apiKey";
 
 // -- helpers --
 
@@ -55,14 +63,100 @@ function describeError(status, body) {
   return `The server answered ${status}.`;
 }
 
-// Call the task API; return the JSON body, or throw an ApiError.
+// -- the API key --
+
+function storedKey() {
+  try {
+    return sessionStorage.getItem(KEY_STORAGE) || "";
+  } catch {
+    return ""; // Storage disabled: currentKey() uses the key kept in memory.
+  }
+}
+
+function storeKey(key) {
+  try {
+    sessionStorage.setItem(KEY_STORAGE, key);
+  } catch {
+    // Storage disabled: the key lasts until the page is left.
+  }
+  memoryKey = key;
+}
+
+let memoryKey = "";
+let keyRequest = null; // A promise while the key form is shown.
+
+function currentKey() {
+  return storedKey() || memoryKey;
+}
+
+// True for a 401 that requests an API key, rather than another kind of
+// credentials that the browser or an app's login handles.
+function asksForKey(response) {
+  const scheme = (response.headers.get("www-authenticate") || "").trim().split(/\s+/)[0];
+  return response.status === 401 && scheme.toLowerCase() === "apikey";
+}
+
+// Show the key form, once for all the requests that were rejected with
+// rejectedKey; resolve when a new key is stored.
+function askForKey(rejectedKey) {
+  if (currentKey() !== rejectedKey) {
+    return Promise.resolve(); // A newer key was entered meanwhile: retry with it.
+  }
+  if (!keyRequest) {
+    keyRequest = new Promise((resolve) => {
+      const form = byId("key-form");
+      byId("key-message").textContent = rejectedKey
+        ? "The server rejected this API key. Enter the correct key."
+        : "This server requires an API key. Enter it to see and control tasks.";
+      form.hidden = false;
+      byId("key-input").value = "";
+      byId("key-input").focus();
+      form.onsubmit = (event) => {
+        event.preventDefault();
+        const key = byId("key-input").value.trim();
+        if (!key) {
+          return;
+        }
+        storeKey(key);
+        form.hidden = true;
+        keyRequest = null;
+        resolve();
+        LiveStream.reopenAll();
+      };
+    });
+  }
+  return keyRequest;
+}
+
+function withKey(url) {
+  const key = currentKey();
+  if (!key) {
+    return url;
+  }
+  const separator = url.includes("?") ? "&" : "?";
+  return `${url}${separator}api_key=${encodeURIComponent(key)}`;
+}
+
+// Call the task API; return the JSON body, or throw an ApiError. A request
+// rejected for want of an API key is sent again once the key is entered.
 async function api(method, path, body) {
   const options = {method, headers: {accept: "application/json"}};
   if (body !== undefined) {
     options.headers["content-type"] = "application/json";
     options.body = JSON.stringify(body);
   }
-  const response = await fetch(path, options);
+  let response;
+  for (;;) {
+    const key = currentKey();
+    if (key) {
+      options.headers["x-api-key"] = key;
+    }
+    response = await fetch(path, options);
+    if (!asksForKey(response)) {
+      break;
+    }
+    await askForKey(key);
+  }
   let data = null;
   try {
     data = await response.json();
@@ -162,16 +256,28 @@ async function act(taskId, action, button) {
 // A server-sent event stream that reports its state in the top bar and
 // reopens itself after the server rejected it.
 class LiveStream {
+  static instances = new Set();
+
+  // Reopen every stream at once, with the key that was just entered.
+  static reopenAll() {
+    for (const stream of LiveStream.instances) {
+      clearTimeout(stream.timer);
+      stream.source.close();
+      stream.open();
+    }
+  }
+
   constructor(url, handlers, onOpen) {
     this.url = url;
     this.handlers = handlers;
     this.onOpen = onOpen;
     this.closed = false;
+    LiveStream.instances.add(this);
     this.open();
   }
 
   open() {
-    this.source = new EventSource(this.url);
+    this.source = new EventSource(withKey(this.url));
     this.source.onopen = () => {
       setConnection("live", "Live");
       this.onOpen();
@@ -191,6 +297,7 @@ class LiveStream {
 
   close() {
     this.closed = true;
+    LiveStream.instances.delete(this);
     clearTimeout(this.timer);
     this.source.close();
   }
