@@ -81,7 +81,8 @@ def validate_params(
         # InvalidParams ends its message with a period of its own.
         error = {"loc": (), "msg": str(exc).removesuffix("."), "type": "too_large"}
         raise InvalidParams(task_class.name, [error]) from exc
-    except (PydanticSerializationError, TypeError) as exc:
+    except (PydanticSerializationError, TypeError, ValueError, RecursionError) as exc:
+        # ValueError: pydantic's serializer gives up on params nested too deep.
         error = {"loc": (), "msg": f"params must be JSON-serializable ({exc})"}
         raise InvalidParams(task_class.name, [error]) from exc
     return stored
