@@ -18,6 +18,7 @@ from tests.tasks import (
     AsyncSleepTask,
     BlockingTask,
     CrashTask,
+    LoopBlockingTask,
     NonResumableStepTask,
     SlowDigest,
     StepTask,
@@ -37,6 +38,7 @@ def create_app() -> FastAPI:
     for task_class in (Countdown, SlowDigest, StepTask, BlockingTask, AsyncSleepTask):
         manager.register(task_class)
     manager.register(NonResumableStepTask)
+    manager.register(LoopBlockingTask)
     manager.register(CrashTask)
     manager.database.create_schema()
     create_ledger(manager.database)

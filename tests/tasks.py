@@ -323,3 +323,20 @@ class CrashTask(StepTask):
             self.set_progress(step, params.n)
             self.checkpoint({"step": step}, effects=self._record(step))
         return {"sum": params.n * (params.n + 1) // 2}
+
+
+class LoopBlockingTask(BaseTask[BlockingParams]):
+    """An async task that blocks its event loop with a plain sleep, by mistake."""
+
+    name = "async_blocking"
+    params_model = BlockingParams
+
+    async def pre(self) -> None:
+        pass
+
+    async def run(self) -> str:
+        time.sleep(self.params.seconds)
+        return "done"
+
+    async def post(self) -> None:
+        pass

@@ -373,6 +373,25 @@ def get_controls(
     return {row.id: row.control for row in session.execute(statement)}
 
 
+def add_warning(session: Session, task_id: str, reason: str) -> None:
+    """Write a warning into a task's history, under its current status."""
+    status = session.execute(
+        select(_tasks.c.status).where(_tasks.c.id == task_id)
+    ).scalar_one_or_none()
+    if status is None:
+        raise TaskNotFound(task_id)
+    session.execute(
+        insert(_events).values(
+            task_id=task_id,
+            from_status=status,
+            to_status=status,
+            at=utcnow(),
+            reason=reason,
+            kind="warning",
+        )
+    )
+
+
 def _add_event(
     session: Session,
     task_id: str,

@@ -22,6 +22,7 @@ from taskmill import crud, registry, runners
 from taskmill.database import DEFAULT_DATABASE_URL, Database
 from taskmill.exceptions import (
     InvalidTransition,
+    TaskNotFound,
     TaskTypeAlreadyRegistered,
     UnknownTaskType,
 )
@@ -37,6 +38,7 @@ from taskmill.status import (
     allowed_actions,
 )
 from taskmill.task import BaseTask
+from taskmill.watchdog import LoopWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +156,7 @@ class TaskManager:
         self._deadlines: dict[Run, asyncio.TimerHandle] = {}
         self._accepting = False
         self._upkeep: asyncio.Task[None] | None = None
+        self._watchdog: LoopWatchdog | None = None
 
     # -- task types --
 
@@ -218,6 +221,8 @@ class TaskManager:
         )
         self._loop = loop
         self._thread.start()
+        self._watchdog = LoopWatchdog(loop, self._thread, self._report_blocked_loop)
+        self._watchdog.start()
         self._accepting = True
         loop.call_soon_threadsafe(self._begin)
         logger.info(
@@ -258,6 +263,9 @@ class TaskManager:
                 extra={"event": "manager.stop_timed_out", "runner_id": self.runner_id},
             )
             self._release_leases()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -824,6 +832,43 @@ class TaskManager:
         # Outcomes that could not be written: let the next runner take those
         # tasks back now rather than when their leases run out.
         self._release_leases()
+
+    def _report_blocked_loop(
+        self, task: BaseTask[Any] | None, where: str, seconds: float
+    ) -> None:
+        """Log a blocked event loop, and write it into the history of the task at fault."""
+        if task is None:
+            logger.warning(
+                "Task manager %s: its event loop has been blocked for over %g s %s",
+                self.runner_id,
+                seconds,
+                where,
+                extra={"event": "manager.loop_blocked", "runner_id": self.runner_id},
+            )
+            return
+        reason = (
+            f"loop_blocked: an async hook has blocked the manager's event loop for "
+            f"over {seconds:g} s, in {where}. Other async tasks and the manager's "
+            "upkeep wait meanwhile; await asynchronous calls, and run blocking ones "
+            "with asyncio.to_thread()"
+        )
+        logger.warning(
+            "Task %s (%s): %s",
+            task.task_id,
+            task.name,
+            reason,
+            extra={"event": "task.loop_blocked", "task_id": task.task_id},
+        )
+        try:
+            with self.database.write() as session:
+                crud.add_warning(session, task.task_id, reason)
+        except (SQLAlchemyError, TaskNotFound) as exc:
+            logger.warning(
+                "Task %s: writing the loop_blocked warning failed (%s)",
+                task.task_id,
+                exc,
+                extra={"event": "task.warning_lost", "task_id": task.task_id},
+            )
 
     def _release_leases(self) -> None:
         try:

@@ -137,7 +137,12 @@ class BackgroundTaskModel(Base):
 
 
 class TaskEventModel(Base):
-    """One status transition of a task, written with the transition itself."""
+    """One entry of a task's history: a status transition, or a warning about the run.
+
+    A transition is written with the status change itself. A warning
+    (``kind="warning"``) records trouble that changes no status; its from and
+    to status are both the status at the time.
+    """
 
     __tablename__ = "task_events"
 
@@ -150,3 +155,7 @@ class TaskEventModel(Base):
     to_status: Mapped[TaskStatus] = mapped_column(_enum(TaskStatus))
     at: Mapped[dt.datetime]
     reason: Mapped[str] = mapped_column(Text)
+    #: ``transition`` or ``warning``.
+    kind: Mapped[str] = mapped_column(
+        String(16), default="transition", server_default="transition"
+    )

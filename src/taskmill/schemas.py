@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
@@ -74,7 +74,7 @@ class TaskInfo(BaseModel):
 
 
 class TaskEventInfo(BaseModel):
-    """One status transition in a task's history."""
+    """One entry of a task's history: a status transition or a warning."""
 
     model_config = ConfigDict(from_attributes=True)
 
@@ -84,6 +84,11 @@ class TaskEventInfo(BaseModel):
     to_status: TaskStatus
     at: dt.datetime
     reason: str
+    kind: Literal["transition", "warning"] = Field(
+        default="transition",
+        description="A status transition, or a warning about the run that "
+        "changed no status (its from and to status are equal).",
+    )
 
 
 class TaskCreate(BaseModel):
