@@ -708,11 +708,15 @@ class TaskManager:
         """
         next_poll = time.monotonic() + self.poll_interval
         next_renewal = time.monotonic() + self.lease_duration / 3
-        failing = False
+        interval = min(
+            self.progress_interval, self.poll_interval, self.lease_duration / 3
+        )
+        failures = 0
         while True:
-            await asyncio.sleep(
-                min(self.progress_interval, self.poll_interval, self.lease_duration / 3)
-            )
+            # While the database fails, wait twice as long after each failure,
+            # up to _MAX_UPKEEP_BACKOFF seconds.
+            backoff = interval * 2 ** min(failures, 16)
+            await asyncio.sleep(min(backoff, max(interval, _MAX_UPKEEP_BACKOFF)))
             now = time.monotonic()
             adopt = now >= next_poll
             if adopt:
@@ -723,15 +727,22 @@ class TaskManager:
             try:
                 # Off the loop: each write may wait for the database's lock.
                 await asyncio.to_thread(self._upkeep_once, adopt, renew)
-                failing = False
             except Exception:
-                # Log the first failure in a row with its traceback, not one per interval.
-                if not failing:
+                # Log the first failure in a row with its traceback, not one per try.
+                if not failures:
                     logger.exception(
-                        "Task manager upkeep failed; retrying every interval",
+                        "Task manager upkeep failed; retrying with backoff",
                         extra={"event": "manager.upkeep_failed"},
                     )
-                failing = True
+                failures += 1
+                continue
+            if failures:
+                logger.info(
+                    "Task manager upkeep works again after %d failed tries",
+                    failures,
+                    extra={"event": "manager.upkeep_recovered"},
+                )
+            failures = 0
 
     def _upkeep_once(self, adopt: bool, renew: bool) -> None:
         if renew:
@@ -887,6 +898,9 @@ class TaskManager:
 #: The longest interval, lease or grace accepted, in seconds: one year. Also
 #: rejects NaN and infinity, which would stall the upkeep loop or the claims.
 _MAX_SECONDS = 365 * 24 * 3600.0
+
+#: The longest wait, in seconds, between two tries of a failing upkeep.
+_MAX_UPKEEP_BACKOFF = 5.0
 
 #: Requests that a timeout does not replace: the run ends as they ask.
 _OUTRANKS_TIMEOUT = (ControlRequest.STOP, RunnerRequest.SUSPEND)
