@@ -67,11 +67,11 @@ class TaskManager:
         Seconds that ``shutdown()`` waits for running tasks to reach a
         checkpoint before it puts them back to PENDING regardless.
     lease_duration:
-        Seconds that a claim holds a task. The manager renews the leases of
-        its runs every third of this; when a runner stops renewing (it died,
-        or its host did), another runner takes the task back once the lease
-        has expired. A runner on this host whose process is gone loses its
-        tasks at once.
+        How long a claim reserves a task, in seconds. The manager renews the
+        leases of its runs every third of this. When a runner stops renewing
+        (it died, or its host did), another runner takes the task back once
+        the lease has expired. A runner on this host whose process is gone
+        loses its tasks at once.
     max_params_bytes:
         The largest params that ``create()`` accepts, in bytes of compact
         JSON in UTF-8, as stored (validated, defaults filled in). Larger
@@ -895,11 +895,12 @@ class TaskManager:
             )
 
 
-#: The longest interval, lease or grace accepted, in seconds: one year. Also
-#: rejects NaN and infinity, which would stall the upkeep loop or the claims.
+#: The maximum interval, lease or grace, in seconds (one year). The range
+#: checks against it also reject NaN and infinity, which would stall the
+#: upkeep loop or the claims.
 _MAX_SECONDS = 365 * 24 * 3600.0
 
-#: The longest wait, in seconds, between two tries of a failing upkeep.
+#: The maximum wait, in seconds, between two tries of a failing upkeep.
 _MAX_UPKEEP_BACKOFF = 5.0
 
 #: Requests that a timeout does not replace: the run ends as they ask.
