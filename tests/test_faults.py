@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -433,3 +436,36 @@ def test_connections_recover_after_read_only_spell(
     # replaces its connections, and the writes after it succeed.
     assert failures <= 1
     assert manager.wait(created.id, timeout=5).status == S.FINISHED
+
+
+def test_failing_upkeep_backs_off(
+    make_manager: MakeManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="taskmill.manager")
+    manager = make_manager(NoOp, progress_interval=0.05, poll_interval=0.05)
+    tries: list[float] = []
+    failing = True
+
+    @event.listens_for(manager.database.engine, "before_cursor_execute")
+    def fail(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        # The upkeep's look for lost runs, its first statement on each poll.
+        if (
+            failing
+            and statement.startswith("SELECT")
+            and "lease_expires_at" in statement
+        ):
+            tries.append(time.monotonic())
+            raise sqlite3.OperationalError("disk I/O error")
+
+    time.sleep(2.5)
+    failing = False
+
+    # Without backoff, 2.5 s at 0.05 s per try would be about 50 tries.
+    assert 4 <= len(tries) <= 10, tries
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
+    assert gaps[2] > 2 * gaps[0], gaps
+    eventually(
+        lambda: any("works again" in r.getMessage() for r in caplog.records),
+        timeout=10,
+    )
+    assert manager.wait(manager.create("noop").id).status == S.FINISHED
