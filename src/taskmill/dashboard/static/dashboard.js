@@ -569,14 +569,24 @@ class TaskView {
       this.events.set(event.id, event);
     }
     const sorted = [...this.events.values()].sort((a, b) => a.id - b.id);
-    byId("task-history").replaceChildren(...sorted.map((event) => el("li", {},
-      timeElement(event.at),
-      el("span", {className: "transition"},
-        event.from_status ? el("span", {className: `status status-${event.from_status}`, textContent: event.from_status}) : null,
-        event.from_status ? " → " : null,
-        el("span", {className: `status status-${event.to_status}`, textContent: event.to_status})),
-      el("p", {className: "reason", textContent: event.reason}))));
+    byId("task-history").replaceChildren(...sorted.map((event) => historyEntry(event)));
   }
+}
+
+// A transition shows its statuses; a warning about the run changes none, so it
+// shows the word "warning" instead.
+function historyEntry(event) {
+  const label = event.kind === "warning"
+    ? el("span", {className: "transition"},
+      el("span", {className: "status status-warning", textContent: "warning"}))
+    : el("span", {className: "transition"},
+      event.from_status ? el("span", {className: `status status-${event.from_status}`, textContent: event.from_status}) : null,
+      event.from_status ? " → " : null,
+      el("span", {className: `status status-${event.to_status}`, textContent: event.to_status}));
+  return el("li", {className: event.kind === "warning" ? "warning" : ""},
+    timeElement(event.at),
+    label,
+    el("p", {className: "reason", textContent: event.reason}));
 }
 
 // -- the form that creates a task --
