@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 import sqlalchemy
 
-from taskmill import BaseTask, NoParams, Retry, TaskManager, TaskStatus, crud
+from taskmill import (
+    BaseTask,
+    NoParams,
+    ResultTooLarge,
+    Retry,
+    TaskManager,
+    TaskStatus,
+    crud,
+)
 from taskmill.models import utcnow
 from taskmill.runners import new_runner_id
 from tests.conftest import eventually
@@ -636,3 +644,10 @@ def test_timeout_fails_run_that_returns_late(make_manager: MakeManager) -> None:
     assert failed.error is not None
     assert failed.error.type == "TimeLimitExceeded"
     assert "after run() returned" in failed.error.message
+
+
+def test_payload_over_limit_not_retried() -> None:
+    policy = Retry(retry_on=(Exception,))
+
+    assert policy.retries(ConnectionError("down"))
+    assert not policy.retries(ResultTooLarge("The result", 2_000_000, 1_000_000))

@@ -6,6 +6,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from taskmill.exceptions import PayloadTooLarge
+
 
 @dataclass(frozen=True)
 class Retry:
@@ -70,8 +72,13 @@ class Retry:
                 )
 
     def retries(self, exc: BaseException) -> bool:
-        """Return whether a run that raised ``exc`` is retried (attempts permitting)."""
-        return isinstance(exc, self.retry_on)
+        """Return whether a run that raised ``exc`` is retried (attempts permitting).
+
+        A result or checkpoint over its size limit is not retried, even when
+        ``retry_on`` covers it, because the next run would most likely build
+        the same payload.
+        """
+        return isinstance(exc, self.retry_on) and not isinstance(exc, PayloadTooLarge)
 
     def delay(self, failures: int) -> float:
         """Return the seconds to wait after the ``failures``-th failed run."""
