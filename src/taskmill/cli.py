@@ -131,6 +131,15 @@ def serve(
         api_key_required = api_key_from_environment() is not None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint=[API_KEY_VARIABLE]) from exc
+    if api_key_required and level == "trace":
+        # uvicorn logs each request's scope at trace level before the app
+        # removes the key from the query string of the stream endpoints.
+        raise typer.BadParameter(
+            f"trace logging writes each request's query string, which carries the "
+            f"key of the dashboard's streams, to the log; use debug or a higher "
+            f"level while {API_KEY_VARIABLE} is set.",
+            param_hint=["--log-level"],
+        )
     _check_database(db)
     # The app factory reads both variables, in this process or, with
     # --workers above 1, in each process that uvicorn starts.

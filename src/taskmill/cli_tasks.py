@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import signal
 import threading
 import time
@@ -122,11 +123,11 @@ def list_tasks(
     for task in tasks:
         table.add_row(
             task.id,
-            escape(task.name),
+            _shown(task.name),
             _status_text(task),
             _percent(task.progress),
             _local_time(task.created_at),
-            escape(_message(task)),
+            _shown(_message(task)),
         )
     _console().print(table)
 
@@ -146,7 +147,7 @@ def show(
         typer.echo(json.dumps(body, indent=2))
         return
     console = _console()
-    console.print(f"[bold]{escape(task.name)}[/bold] {task.id}")
+    console.print(f"[bold]{_shown(task.name)}[/bold] {task.id}")
     details = Table.grid(padding=(0, 2))
     details.add_column(style="dim", no_wrap=True)
     details.add_column()
@@ -155,7 +156,9 @@ def show(
     console.print(details)
     if task.error is not None and task.error.traceback:
         console.print("[dim]Traceback[/dim]")
-        console.print(escape(task.error.traceback.rstrip()), highlight=False)
+        console.print(
+            _shown(task.error.traceback.rstrip(), keep_newlines=True), highlight=False
+        )
     console.print("[dim]History[/dim]")
     for event in history:
         console.print(_event_line(event))
@@ -221,6 +224,19 @@ def watch(
         raise typer.Exit(1)
 
 
+#: C0 and C1 control characters, which could move the cursor, clear the
+#: screen or set the window title of the terminal that shows task data.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_CHARACTERS_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _shown(text: str, *, keep_newlines: bool = False) -> str:
+    """Return task data ready for Rich: markup escaped, control characters as ``\\xNN``."""
+    pattern = _CONTROL_CHARACTERS_BUT_NEWLINE if keep_newlines else _CONTROL_CHARACTERS
+    visible = pattern.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    return escape(visible)
+
+
 # -- watch --
 
 
@@ -238,7 +254,7 @@ def _watch(
     """
     task = _call(db, lambda: manager.get(task_id))
     console.print(
-        f"Watching {escape(task.name)} {task.id}; Ctrl-C stops watching, not the task."
+        f"Watching {_shown(task.name)} {task.id}; Ctrl-C stops watching, not the task."
     )
     last_event_id = 0
     progress = Progress(
@@ -260,7 +276,7 @@ def _watch(
                 bar,
                 completed=task.progress,
                 status=_status_text(task),
-                message=escape(_message(task)),
+                message=_shown(_message(task)),
             )
             if task.status.is_terminal:
                 return task
@@ -286,7 +302,7 @@ def _ending(task: TaskInfo) -> str:
     if task.status == TaskStatus.FAILED and task.error is not None:
         return (
             f"Task {task.id} failed in {task.error.phase}: "
-            f"{task.error.type}: {escape(task.error.message)}"
+            f"{_shown(task.error.type)}: {_shown(task.error.message)}"
         )
     return f"Task {task.id} ended {task.status}."
 
@@ -393,7 +409,7 @@ def _local_time(value: dt.datetime | None) -> str:
 def _details(task: TaskInfo) -> list[tuple[str, str]]:
     rows = [
         ("status", _status_text(task)),
-        ("progress", f"{_percent(task.progress)}  {escape(task.message or '')}"),
+        ("progress", f"{_percent(task.progress)}  {_shown(task.message or '')}"),
         ("actions", ", ".join(action.value for action in task.allowed_actions)),
         (
             "attempts",
@@ -406,13 +422,13 @@ def _details(task: TaskInfo) -> list[tuple[str, str]]:
         ("updated", _local_time(task.updated_at)),
         ("heartbeat", _local_time(task.heartbeat_at)),
         ("retry after", _local_time(task.run_after)),
-        ("params", escape(json.dumps(task.params))),
+        ("params", _shown(json.dumps(task.params))),
     ]
     if task.result is not None:
-        rows.append(("result", escape(json.dumps(task.result))))
+        rows.append(("result", _shown(json.dumps(task.result))))
     if task.error is not None:
         error = f"{task.error.type}: {task.error.message} (in {task.error.phase})"
-        rows.append(("error", f"[red]{escape(error)}[/red]"))
+        rows.append(("error", f"[red]{_shown(error)}[/red]"))
     return [(label, value) for label, value in rows if value]
 
 
@@ -420,7 +436,7 @@ def _event_line(event: TaskEventInfo) -> str:
     source = f"{event.from_status.value} -> " if event.from_status else ""
     return (
         f"{_local_time(event.at)}  {source}{event.to_status.value}  "
-        f"[dim]{escape(event.reason)}[/dim]"
+        f"[dim]{_shown(event.reason)}[/dim]"
     )
 
 
