@@ -48,7 +48,7 @@ def create_app() -> FastAPI:
 
     @app.middleware("http")
     async def name_process(request, call_next):  # type: ignore[no-untyped-def]
-        # Tells tests which of several server processes answered.
+        # Names the server process that handled the request, for tests with several.
         response = await call_next(request)
         response.headers["x-server-pid"] = str(os.getpid())
         return response

@@ -16,8 +16,8 @@ MakeManager = Callable[..., TaskManager]
 MakeServer = Callable[..., ServerProcess]
 S = TaskStatus
 
-#: A bound far above a normal answer on this loopback, far below the blocks
-#: below (3 s and more): a request that waited for a blocked loop exceeds it.
+#: A bound far above a normal response time on loopback and far below the
+#: 4 s blocks below, so a request that waited for a blocked loop exceeds it.
 SLOW = 1.0
 
 

@@ -167,7 +167,7 @@ def list_queued(
 
 @dataclass(frozen=True, slots=True)
 class RunningTask:
-    """A RUNNING task as a runner that looks for lost runs sees it."""
+    """A RUNNING task with the columns that the search for lost runs reads."""
 
     id: str
     name: str

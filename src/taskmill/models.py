@@ -113,7 +113,7 @@ class BackgroundTaskModel(Base):
     control: Mapped[ControlRequest | None] = mapped_column(_enum(ControlRequest))
     #: Id of the runner that owns the current run.
     owner: Mapped[str | None] = mapped_column(String(64))
-    #: Until when the owner holds the run; another runner may take it back after.
+    #: Expiry of the owner's claim. After it, another runner may take the run back.
     lease_expires_at: Mapped[dt.datetime | None]
     #: When the run last showed life (claim, progress report or checkpoint).
     #: A run stuck in one step keeps an old value while its lease is renewed.

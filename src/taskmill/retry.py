@@ -31,7 +31,7 @@ class Retry:
     factor:
         The wait grows by this factor with each failure.
     max_backoff:
-        The longest wait before jitter, in seconds.
+        The maximum wait before jitter, in seconds.
     jitter:
         Each wait is scaled by a random factor in ``[1 - jitter, 1 + jitter]``
         so that tasks that failed together do not retry together.

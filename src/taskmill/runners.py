@@ -1,4 +1,4 @@
-"""Runner ids, how a runner tells that another runner's run is lost, and taking it back.
+"""Runner ids, the check that another runner's run is lost, and taking such a run back.
 
 A runner id is ``host:pid:random``. The host part names the machine and,
 on Linux, the PID namespace, so that a runner can check whether a process
@@ -72,7 +72,7 @@ def process_is_gone(runner_id: str | None) -> bool:
 def lease_lost(
     owner: str | None, lease_expires_at: dt.datetime | None, now: dt.datetime
 ) -> str | None:
-    """Return why a RUNNING task's run is lost, or None while its owner holds it.
+    """Return why a RUNNING task's run is lost, or None while its owner keeps its lease.
 
     NOTE: ``now`` and the stored expiry come from the clocks of the runners'
     hosts, not the database's, so runners on several hosts need synchronised
@@ -96,7 +96,7 @@ def recover(
 ) -> tuple[TaskStatus, dt.datetime | None] | None:
     """Take back a RUNNING task whose runner is gone or whose lease expired.
 
-    ``seen`` is the row as it was read before this write transaction; if the
+    ``seen`` is the row as it was read before this write transaction. If the
     run changed since (it ended, or its owner renewed the lease), nothing is
     written and None is returned. Otherwise returns the new status and, for a
     task that waits for its retry backoff, when it may run.

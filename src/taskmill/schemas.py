@@ -52,7 +52,7 @@ class TaskInfo(BaseModel):
     )
     owner: str | None = Field(description="The runner of the current or last run.")
     lease_expires_at: dt.datetime | None = Field(
-        description="Until when the owner holds a RUNNING task; another runner "
+        description="Expiry of the owner's claim on a RUNNING task; another runner "
         "takes it back after that."
     )
     heartbeat_at: dt.datetime | None = Field(

@@ -65,7 +65,7 @@ class BaseTask(abc.ABC, Generic[P]):
     #: How many runs may fail (raise, or die with their process) and which
     #: exceptions are retried, after what backoff.
     retry: ClassVar[Retry] = Retry()
-    #: The longest a run may take, in seconds; None for no limit. A run past
+    #: The maximum time a run may take, in seconds, or None for no limit. A run past
     #: it ends FAILED at its next checkpoint, progress report or ``sleep()``
     #: (an ``async`` hook is cancelled at once).
     timeout: ClassVar[float | None] = None

@@ -69,7 +69,7 @@ class LoopWatchdog:
                 self.report(task, where, self.threshold)
             except Exception:
                 logger.exception("Reporting a blocked event loop failed")
-            # One report per block: wait until the loop answers again.
+            # One report per block: wait until the loop runs the probe again.
             while not answered.wait(PROBE_INTERVAL):
                 if self._stop.is_set():
                     return
