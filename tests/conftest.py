@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from taskmill import BaseTask, Database, TaskManager
 from tests.tasks import create_ledger
@@ -19,8 +21,131 @@ from tests.tasks import create_ledger
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Points the PostgreSQL half of the suite at a server, as a SQLAlchemy URL
+#: of a database on it that the tests may connect to; each test gets a new
+#: database of its own on that server.
+POSTGRES_URL_VARIABLE = "TASKMILL_TEST_POSTGRES_URL"
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+#: Set to 1 (CI does) to fail, not skip, when PostgreSQL cannot be reached.
+REQUIRE_POSTGRES_VARIABLE = "TASKMILL_TEST_REQUIRE_POSTGRES"
+
+
+class PostgresServer:
+    """Makes a fresh database per test, copied from a template that is migrated once."""
+
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url)
+        self.admin = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        self.prefix = f"taskmill_test_{os.getpid()}"
+        self.template = f"{self.prefix}_template"
+        self.count = 0
+
+    def check(self) -> None:
+        with self.admin.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def create_template(self) -> None:
+        self._execute(f"DROP DATABASE IF EXISTS {self.template}")
+        self._execute(f"CREATE DATABASE {self.template}")
+        template = Database(self.url_of(self.template))
+        try:
+            template.upgrade()
+            create_ledger(template)
+        finally:
+            template.dispose()
+
+    def create_database(self, *, migrated: bool = True) -> str:
+        """Create a database with the schema (and the ledger), or an empty one."""
+        self.count += 1
+        name = f"{self.prefix}_{self.count}"
+        template = self.template if migrated else "template0"
+        self._execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+        return name
+
+    def drop_database(self, name: str) -> None:
+        # FORCE: a server process that a test killed may leave connections.
+        self._execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def url_of(self, name: str) -> str:
+        return self.url.set(database=name).render_as_string(hide_password=False)
+
+    def close(self) -> None:
+        self.drop_database(self.template)
+        self.admin.dispose()
+
+    def _execute(self, statement: str) -> None:
+        with self.admin.connect() as connection:
+            connection.execute(text(statement))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    url = os.environ.get(POSTGRES_URL_VARIABLE, DEFAULT_POSTGRES_URL)
+    server = PostgresServer(url)
+    try:
+        server.check()
+    except SQLAlchemyError as exc:
+        server.admin.dispose()
+        reason = str(exc).strip().splitlines()[0]
+        message = (
+            f"PostgreSQL is not reachable at {server.url} ({reason}); set "
+            f"{POSTGRES_URL_VARIABLE} to a SQLAlchemy URL of a server to run "
+            "the PostgreSQL half of the suite"
+        )
+        if os.environ.get(REQUIRE_POSTGRES_VARIABLE) == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    server.create_template()
+    yield server
+    server.close()
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
+)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The database backend of the test: every test that uses a database runs on both."""
+    return str(request.param)
+
+
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
+def database_url(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'tasks.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = server.create_database()
+    yield server.url_of(name)
+    server.drop_database(name)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A database of the test's own on PostgreSQL, for tests of what only it does."""
+    name = postgres_server.create_database()
+    yield postgres_server.url_of(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def empty_database_url(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A database without tables, on the test's backend."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = server.create_database(migrated=False)
+    yield server.url_of(name)
+    server.drop_database(name)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite file, for tests of what only SQLite does."""
     return f"sqlite:///{tmp_path / 'tasks.db'}"
 
 

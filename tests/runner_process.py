@@ -4,11 +4,13 @@
 ``TASKMILL_DATABASE_URL``, starts it, prints ``runner <runner_id> ready`` and
 runs tasks until SIGTERM or SIGINT, then shuts the manager down. It reads the
 same settings as ``tests/app.py``: ``TASKMILL_TEST_WORKERS``, ``_GRACE``,
-``_LEASE`` and ``_POLL``.
+``_LEASE`` and ``_POLL``. ``TASKMILL_TEST_HOST`` and ``_CLOCK_SKEW`` make it
+act as a runner on another machine whose clock is off by that many seconds.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
@@ -20,7 +22,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from taskmill import Retry, TaskManager
+from taskmill import Retry, TaskManager, models, runners
 from tests.tasks import StepTask, create_ledger
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +59,32 @@ def build_manager() -> TaskManager:
     return manager
 
 
+def pretend_other_machine(host: str, clock_skew: float) -> None:
+    """Make this process look like a runner on another machine with a wrong clock.
+
+    Its runner ids name ``host``, so that no other runner can check whether
+    its process is alive and leases alone decide; every clock reading of
+    taskmill's own is ``clock_skew`` seconds off.
+    """
+    runners._HOST_KEY = host
+    true_utcnow = models.utcnow
+
+    def skewed_utcnow() -> dt.datetime:
+        return true_utcnow() + dt.timedelta(seconds=clock_skew)
+
+    for name, module in list(sys.modules.items()):
+        if (
+            name.startswith("taskmill")
+            and getattr(module, "utcnow", None) is true_utcnow
+        ):
+            module.utcnow = skewed_utcnow  # type: ignore[attr-defined]
+
+
 def main() -> None:
+    host = os.environ.get("TASKMILL_TEST_HOST")
+    if host:
+        skew = float(os.environ.get("TASKMILL_TEST_CLOCK_SKEW", "0"))
+        pretend_other_machine(host, skew)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -1,28 +1,34 @@
-"""Runner processes killed at random while they share one SQLite file.
+"""Runner processes killed at random while they share one database.
 
 Three ``tests.runner_process`` runners work through a few hundred
 ``step_retried`` tasks while the test SIGKILLs one of them every 0.5 to 1.5 s
 and starts it again. Each step writes its ledger row in its checkpoint's
 transaction, and the ledger's unique constraint fails a task whose step runs
 twice, so every task must end FINISHED with one ledger row per step.
+
+The multi-node variant runs on PostgreSQL with each runner acting as a
+machine of its own: its runner id names another host, so its tasks come back
+only when its leases expire, and its clock is off by up to a minute, which
+leases measured by the database's clock must not notice.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import os
 import random
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
-from taskmill import TaskManager
+from taskmill import Database, TaskManager, TaskStatus
+from taskmill.models import BackgroundTaskModel as Task
+from taskmill.models import TaskEventModel as Event
+from taskmill.models import database_now
 from tests.runner_process import RetriedStepTask, RunnerProcess
-from tests.tasks import create_ledger
+from tests.tasks import create_ledger, ledger
 
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -35,7 +41,7 @@ STEP_S = 0.15
 #: Seconds during which runners are killed.
 CHAOS_S = 20.0
 #: Seconds that the runners get to finish the tasks once the kills end.
-DRAIN_S = 45.0
+DRAIN_S = 60.0
 #: A RUNNING task whose lease expired this long ago was left behind.
 STALE_LEASE_S = 2.0
 RUNNER_ENV = {
@@ -43,53 +49,61 @@ RUNNER_ENV = {
     "TASKMILL_TEST_LEASE": "5",
     "TASKMILL_TEST_POLL": "0.2",
 }
+#: Clock errors of the simulated machines, in seconds: one ahead by more
+#: than a lease, one behind, one right.
+CLOCK_SKEWS = (40.0, -55.0, 0.0)
+UNFINISHED = (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.PAUSED)
 
 
-def query(database_path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    connection = sqlite3.connect(database_path, timeout=30)
-    try:
-        return list(connection.execute(sql, args))
-    finally:
-        connection.close()
-
-
-def stored_time(moment: dt.datetime) -> str:
-    """Format a UTC time as taskmill stores it in SQLite, to compare in SQL."""
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def count_stale_leases(database_path: Path) -> int:
+def count_stale_leases(database: Database) -> int:
     """Count RUNNING tasks whose lease expired more than STALE_LEASE_S ago."""
-    stale = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=STALE_LEASE_S)
-    rows = query(
-        database_path,
-        "SELECT count(*) FROM tasks WHERE status = 'RUNNING' AND lease_expires_at < ?",
-        stored_time(stale),
-    )
-    count: int = rows[0][0]
-    return count
+    with database.read() as session:
+        return session.execute(
+            select(func.count()).where(
+                Task.status == TaskStatus.RUNNING,
+                Task.lease_expires_at < database_now(-STALE_LEASE_S),
+            )
+        ).scalar_one()
 
 
-def count_unfinished(database_path: Path) -> int:
-    rows = query(
-        database_path,
-        "SELECT count(*) FROM tasks WHERE status IN ('PENDING', 'RUNNING', 'PAUSED')",
-    )
-    count: int = rows[0][0]
-    return count
+def count_unfinished(database: Database) -> int:
+    with database.read() as session:
+        return session.execute(
+            select(func.count()).where(Task.status.in_(UNFINISHED))
+        ).scalar_one()
 
 
-def test_runners_killed_at_random_lose_no_step(tmp_path: Path) -> None:
-    database_path = tmp_path / "tasks.db"
-    url = f"sqlite:///{database_path}"
+def test_runners_killed_at_random_lose_no_step(
+    database_url: str, tmp_path: Path
+) -> None:
+    run_chaos(database_url, tmp_path, [RUNNER_ENV] * RUNNERS)
+
+
+@pytest.mark.postgresql
+def test_machines_with_wrong_clocks_killed_at_random_lose_no_step(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    envs = [
+        {
+            **RUNNER_ENV,
+            "TASKMILL_TEST_HOST": f"node-{index}",
+            "TASKMILL_TEST_CLOCK_SKEW": str(skew),
+        }
+        for index, skew in enumerate(CLOCK_SKEWS)
+    ]
+    run_chaos(postgres_url, tmp_path, envs)
+
+
+def run_chaos(url: str, tmp_path: Path, envs: list[dict[str, str]]) -> None:
     rng = random.Random(SEED)
     store = TaskManager(url, max_workers=0)
     store.register(RetriedStepTask)
     store.startup()
-    create_ledger(store.database)
+    database = store.database
+    create_ledger(database)
     runners = [
-        RunnerProcess(url, tmp_path / f"runner-{index}.log", RUNNER_ENV)
-        for index in range(RUNNERS)
+        RunnerProcess(url, tmp_path / f"runner-{index}.log", env)
+        for index, env in enumerate(envs)
     ]
     try:
         for runner in runners:
@@ -101,64 +115,75 @@ def test_runners_killed_at_random_lose_no_step(tmp_path: Path) -> None:
         kills = 0
         max_stale = 0
         chaos_end = time.monotonic() + CHAOS_S
-        while time.monotonic() < chaos_end and count_unfinished(database_path):
+        while time.monotonic() < chaos_end and count_unfinished(database):
             time.sleep(rng.uniform(0.5, 1.5))
             victim = rng.choice(runners)
             victim.kill9()
             kills += 1
             # Not waited for: the next kill may come while it starts up.
             victim.start(wait=False)
-            max_stale = max(max_stale, count_stale_leases(database_path))
+            max_stale = max(max_stale, count_stale_leases(database))
         chaos_s = time.monotonic() - started
 
         drain_end = time.monotonic() + DRAIN_S
-        while count_unfinished(database_path) and time.monotonic() < drain_end:
-            max_stale = max(max_stale, count_stale_leases(database_path))
+        while count_unfinished(database) and time.monotonic() < drain_end:
+            max_stale = max(max_stale, count_stale_leases(database))
             time.sleep(0.2)
         duration = time.monotonic() - started
 
-        rows = query(
-            database_path,
-            "SELECT id, status, result, progress, recoveries, attempts FROM tasks",
-        )
+        with database.read() as session:
+            rows = session.execute(
+                select(
+                    Task.id,
+                    Task.status,
+                    Task.result,
+                    Task.progress,
+                    Task.recoveries,
+                    Task.attempts,
+                )
+            ).all()
         statuses: dict[str, int] = {}
-        for _, status, *_ in rows:
-            statuses[status] = statuses.get(status, 0) + 1
-        recoveries = sum(row[4] for row in rows)
-        recovered_tasks = sum(1 for row in rows if row[4] > 0)
+        for row in rows:
+            statuses[row.status.value] = statuses.get(row.status.value, 0) + 1
+        recoveries = sum(row.recoveries for row in rows)
+        recovered_tasks = sum(1 for row in rows if row.recoveries > 0)
         print(
             f"\nseed {SEED}: {kills} kills in {chaos_s:.1f} s; {recoveries} recoveries over "
-            f"{recovered_tasks} tasks; at most {max(row[5] for row in rows)} attempts "
-            f"of one task; statuses {statuses}; {duration:.1f} s in all"
+            f"{recovered_tasks} tasks; at most {max(row.attempts for row in rows)} "
+            f"attempts of one task; statuses {statuses}; {duration:.1f} s in all"
         )
 
-        assert statuses == {"FINISHED": TASKS}, failures_of(database_path)
+        assert statuses == {"FINISHED": TASKS}, failures_of(database)
         expected_sum = STEPS * (STEPS + 1) // 2
         wrong_results = [
-            task_id
-            for task_id, _, result, progress, _, _ in rows
-            if json.loads(result) != {"sum": expected_sum} or progress != 100
+            row.id
+            for row in rows
+            if row.result != {"sum": expected_sum} or row.progress != 100
         ]
         assert wrong_results == []
 
-        ledger = {
-            task_id: (count, first, last)
-            for task_id, count, first, last in query(
-                database_path,
-                "SELECT task_id, count(*), min(step), max(step) FROM ledger "
-                "GROUP BY task_id",
-            )
+        with database.read() as session:
+            steps = session.execute(
+                select(
+                    ledger.c.task_id,
+                    func.count(),
+                    func.min(ledger.c.step),
+                    func.max(ledger.c.step),
+                ).group_by(ledger.c.task_id)
+            ).all()
+        by_task = {
+            task_id: (count, first, last) for task_id, count, first, last in steps
         }
-        assert set(ledger) == set(task_ids)
+        assert set(by_task) == set(task_ids)
         wrong_ledger = {
             task_id: steps
-            for task_id, steps in ledger.items()
+            for task_id, steps in by_task.items()
             if steps != (STEPS, 1, STEPS)
         }
         assert wrong_ledger == {}
 
-        assert count_unfinished(database_path) == 0
-        assert count_stale_leases(database_path) == 0
+        assert count_unfinished(database) == 0
+        assert count_stale_leases(database) == 0
         assert max_stale == 0
         assert kills >= 10
         assert recovered_tasks > 0
@@ -168,20 +193,22 @@ def test_runners_killed_at_random_lose_no_step(tmp_path: Path) -> None:
         store.shutdown()
 
 
-def failures_of(database_path: Path) -> list[tuple[Any, ...]]:
+def failures_of(database: Database) -> list[tuple[Any, ...]]:
     """Return the status, error and history of up to five tasks that did not finish."""
-    rows = query(
-        database_path,
-        "SELECT id, status, error FROM tasks WHERE status != 'FINISHED' LIMIT 5",
-    )
-    return [
-        (
-            *row,
-            query(
-                database_path,
-                "SELECT to_status, reason FROM task_events WHERE task_id = ? ORDER BY id",
-                row[0],
-            ),
-        )
-        for row in rows
-    ]
+    with database.read() as session:
+        rows = session.execute(
+            select(Task.id, Task.status, Task.error)
+            .where(Task.status != TaskStatus.FINISHED)
+            .limit(5)
+        ).all()
+        return [
+            (
+                *row,
+                session.execute(
+                    select(Event.to_status, Event.reason)
+                    .where(Event.task_id == row.id)
+                    .order_by(Event.id)
+                ).all(),
+            )
+            for row in rows
+        ]

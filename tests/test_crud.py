@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import event, select, text
@@ -13,10 +14,11 @@ S = TaskStatus
 
 
 @pytest.fixture
-def database(database_url: str) -> Database:
+def database(database_url: str) -> Iterator[Database]:
     database = Database(database_url)
     database.create_schema()
-    return database
+    yield database
+    database.dispose()
 
 
 def make_task(database: Database, status: TaskStatus = S.PENDING) -> str:

@@ -1,7 +1,7 @@
-"""The ``taskmill`` command line: ``serve``, ``worker`` and ``tasks``.
+"""The ``taskmill`` command line: ``serve``, ``worker``, ``tasks`` and ``db``.
 
-``serve`` runs the demo app, ``worker`` runs tasks, and ``tasks`` lists,
-shows, controls and watches the tasks of a database.
+``serve`` runs the demo app, ``worker`` runs tasks, ``tasks`` lists,
+shows, controls and watches the tasks of a database, and ``db`` migrates it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import uvicorn.config
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 
-from taskmill import cli_tasks
+from taskmill import cli_db, cli_tasks
 from taskmill.api_key import API_KEY_HEADER, API_KEY_VARIABLE, api_key_from_environment
 from taskmill.cli_tasks import display_url
 from taskmill.database import DEFAULT_DATABASE_URL, Database
@@ -35,6 +35,7 @@ from taskmill.demo import (
     DEFAULT_CONCURRENCY,
     create_manager,
 )
+from taskmill.exceptions import SchemaOutOfDate
 from taskmill.manager import TaskManager
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ LogLevelOption = Annotated[
 
 
 app.add_typer(cli_tasks.app)
+app.add_typer(cli_db.app)
 
 
 @app.callback()
@@ -497,9 +499,14 @@ def _check_database(url: str) -> None:
     try:
         database = Database(url)
         try:
-            database.create_schema()
+            if database.dialect == "sqlite":
+                database.upgrade()
+            else:
+                database.check_schema()
         finally:
             database.dispose()
+    except SchemaOutOfDate as exc:
+        raise typer.BadParameter(str(exc), param_hint=["--db"]) from exc
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise typer.BadParameter(

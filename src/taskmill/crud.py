@@ -5,6 +5,11 @@ the caller's ``Database.write()`` block does, so a status change and its
 history row always land together. Writes on behalf of a run carry its
 ``RunToken`` and only apply while that run still owns the task, so a run that
 lost its task (suspended at shutdown, recovered elsewhere) cannot overwrite it.
+
+Leases are set and compared with the database's clock (``database_now``),
+never a runner's. On PostgreSQL, a new PENDING task and a new pause or stop
+request also send a notification on the ``taskmill`` channel when their
+transaction commits, so that idle runners wake at once.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, insert, or_, select, update
+from sqlalchemy import Table, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from taskmill.exceptions import InvalidTransition, TaskNotFound
-from taskmill.models import BackgroundTaskModel, TaskEventModel, utcnow
+from taskmill.models import BackgroundTaskModel, TaskEventModel, database_now, utcnow
 from taskmill.status import INITIAL, ControlRequest, TaskStatus, is_allowed
+
+#: The PostgreSQL channel that ``notify()`` sends on and runners listen to.
+CHANNEL = "taskmill"
 
 #: The ORM model of a task row, by a shorter name.
 TaskRow = BackgroundTaskModel
@@ -91,6 +99,8 @@ def create_task(
     )
     task = session.scalars(statement).one()
     _add_event(session, task_id, None, status, now, reason)
+    if status == TaskStatus.PENDING:
+        notify(session, "pending", task_id)
     return task
 
 
@@ -157,12 +167,57 @@ def list_queued(
         .where(
             TaskRow.status == TaskStatus.PENDING,
             TaskRow.name.in_(names),
-            or_(TaskRow.run_after.is_(None), TaskRow.run_after <= utcnow()),
+            _is_due(),
         )
         .order_by(TaskRow.created_at, TaskRow.id)
         .limit(limit)
     )
     return [(row.id, row.name, row.run_after) for row in session.execute(statement)]
+
+
+def claim_due(
+    session: Session,
+    *,
+    names: Sequence[str],
+    owner: str,
+    limit: int,
+    lease: float,
+    reason: str,
+) -> list[TaskRow]:
+    """Claim up to ``limit`` of the oldest due PENDING tasks of ``names`` for ``owner``.
+
+    One UPDATE over a ``FOR UPDATE SKIP LOCKED`` selection: on PostgreSQL,
+    runners that claim at the same time take different tasks instead of
+    waiting for each other. SQLite has one writer at a time, so there the
+    selection needs no lock.
+    """
+    if limit < 1 or not names:
+        return []
+    due = (
+        select(_tasks.c.id)
+        .where(
+            _tasks.c.status == TaskStatus.PENDING.value,
+            _tasks.c.name.in_(names),
+            _is_due(),
+        )
+        .order_by(_tasks.c.created_at, _tasks.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    now = utcnow()
+    statement = (
+        update(TaskRow)
+        .where(TaskRow.id.in_(due.scalar_subquery()))
+        .values(_claim_values(owner, now, lease))
+        .returning(TaskRow)
+        .execution_options(populate_existing=True)
+    )
+    tasks = list(session.scalars(statement))
+    for task in tasks:
+        _add_event(
+            session, task.id, TaskStatus.PENDING, TaskStatus.RUNNING, now, reason
+        )
+    return tasks
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,22 +228,33 @@ class RunningTask:
     name: str
     owner: str | None
     lease_expires_at: dt.datetime | None
+    #: The database's clock when the row was read, to compare the lease with.
+    read_at: dt.datetime
 
 
 def list_running(session: Session) -> list[RunningTask]:
     """Return every RUNNING task with its owner and lease."""
     statement = select(
-        TaskRow.id, TaskRow.name, TaskRow.owner, TaskRow.lease_expires_at
+        TaskRow.id,
+        TaskRow.name,
+        TaskRow.owner,
+        TaskRow.lease_expires_at,
+        database_now().label("read_at"),
     ).where(TaskRow.status == TaskStatus.RUNNING)
     return [
-        RunningTask(row.id, row.name, row.owner, row.lease_expires_at)
+        RunningTask(row.id, row.name, row.owner, row.lease_expires_at, row.read_at)
         for row in session.execute(statement)
     ]
 
 
+def read_clock(session: Session) -> dt.datetime:
+    """Return the database's clock."""
+    return session.execute(select(database_now())).scalar_one()
+
+
 def renew_leases(session: Session, owner: str, *, lease: float) -> None:
     """Extend the lease of every run that ``owner`` holds."""
-    expires = utcnow() + dt.timedelta(seconds=lease)
+    expires = database_now(lease)
     statement = (
         update(_tasks)
         .where(
@@ -208,7 +274,7 @@ def expire_leases(session: Session, owner: str) -> None:
             _tasks.c.owner == owner,
             _tasks.c.status == TaskStatus.RUNNING.value,
         )
-        .values(lease_expires_at=utcnow())
+        .values(lease_expires_at=database_now())
     )
     session.execute(statement)
 
@@ -253,6 +319,8 @@ def change_status(
     )
     task = session.scalars(statement).one()
     _add_event(session, task_id, previous, to, now, reason)
+    if to == TaskStatus.PENDING and values.get("run_after") is None:
+        notify(session, "pending", task_id)
     return task
 
 
@@ -270,6 +338,8 @@ def set_control(
     task = session.scalars(statement).one_or_none()
     if task is None:
         raise TaskNotFound(task_id)
+    if request is not None:
+        notify(session, f"control {request.value}", task_id)
     return task
 
 
@@ -287,19 +357,9 @@ def claim_task(
         .where(
             TaskRow.id == task_id,
             TaskRow.status == TaskStatus.PENDING,
-            or_(TaskRow.run_after.is_(None), TaskRow.run_after <= now),
+            _is_due(),
         )
-        .values(
-            status=TaskStatus.RUNNING,
-            owner=owner,
-            attempts=TaskRow.attempts + 1,
-            lease_expires_at=now + dt.timedelta(seconds=lease),
-            heartbeat_at=now,
-            run_after=None,
-            started_at=now,
-            finished_at=None,
-            updated_at=now,
-        )
+        .values(_claim_values(owner, now, lease))
         .returning(TaskRow)
         .execution_options(populate_existing=True)
     )
@@ -390,6 +450,35 @@ def add_warning(session: Session, task_id: str, reason: str) -> None:
             kind="warning",
         )
     )
+
+
+def notify(session: Session, event: str, task_id: str) -> None:
+    """Send ``"<event> <task_id>"`` on ``CHANNEL`` when the transaction commits.
+
+    PostgreSQL only; elsewhere runners find changes by polling.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(CHANNEL, f"{event} {task_id}")))
+
+
+def _is_due() -> Any:
+    """True for a task with no retry backoff, or one whose backoff has passed."""
+    return or_(_tasks.c.run_after.is_(None), _tasks.c.run_after <= database_now())
+
+
+def _claim_values(owner: str, now: dt.datetime, lease: float) -> dict[str, Any]:
+    """Return the columns that a claim sets."""
+    return {
+        "status": TaskStatus.RUNNING,
+        "owner": owner,
+        "attempts": TaskRow.attempts + 1,
+        "lease_expires_at": database_now(lease),
+        "heartbeat_at": now,
+        "run_after": None,
+        "started_at": now,
+        "finished_at": None,
+        "updated_at": now,
+    }
 
 
 def _add_event(

@@ -1,26 +1,32 @@
-"""Engines and sessions, with SQLite set up for a web app.
+"""Engines, sessions and schema migrations, on SQLite or PostgreSQL.
 
 SQLite runs in WAL mode (readers beside one writer) with a busy timeout.
 Write transactions start with ``BEGIN IMMEDIATE``: one that began as a read
 and later writes fails at once with "database is locked" when another
 connection wrote meanwhile, whatever the busy timeout is.
+
+PostgreSQL is reached through psycopg 3 (``postgresql+psycopg://`` URLs).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, make_url
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.schema import CreateColumn
 
-from taskmill.models import Base
+from taskmill.exceptions import SchemaOutOfDate
 
 logger = logging.getLogger(__name__)
 
@@ -70,18 +76,46 @@ class Database:
             expire_on_commit=False,
         )
 
-    def create_schema(self) -> None:
-        """Create the tables and indexes that do not exist yet."""
-        # One write transaction (BEGIN IMMEDIATE on SQLite), so that processes
-        # that start together do not both try to create the same table.
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.engine.dialect.name
+
+    def revision(self) -> str | None:
+        """Return the schema revision that the database is at; None for an empty one."""
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    def upgrade(self) -> None:
+        """Migrate the schema to this version of taskmill, keeping every row.
+
+        Creates the tables in an empty database. Safe to run from several
+        processes at once: one migrates while the others wait, then find
+        nothing to do.
+        """
+        if self.revision() == head_revision():
+            return
+        # One write transaction (BEGIN IMMEDIATE on SQLite, a transaction-wide
+        # advisory lock on PostgreSQL) around the whole migration.
         with self.engine.execution_options(taskmill_write=True).begin() as connection:
-            Base.metadata.create_all(connection)
-            # create_all() adds indexes only with a new table; an older database
-            # gets the indexes that were added since it was created.
-            _add_missing_columns(connection)
-            for table in Base.metadata.sorted_tables:
-                for index in table.indexes:
-                    index.create(connection, checkfirst=True)
+            if self.dialect == "postgresql":
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"),
+                    {"key": _MIGRATION_LOCK},
+                )
+            config = _alembic_config()
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def create_schema(self) -> None:
+        """Same as ``upgrade()``."""
+        self.upgrade()
+
+    def check_schema(self) -> None:
+        """Raise ``SchemaOutOfDate`` unless the schema is at this version's revision."""
+        current, head = self.revision(), head_revision()
+        if current != head:
+            raise SchemaOutOfDate(self.engine.url, current, head)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -112,23 +146,22 @@ class Database:
         self.engine.dispose()
 
 
-def _add_missing_columns(connection: Connection) -> None:
-    """Add the columns that were added to the models since the database was created.
+#: The key of the PostgreSQL advisory lock that serialises migrations.
+_MIGRATION_LOCK = 0x7461736B6D696C6C  # "taskmill" in ASCII
 
-    NOTE: this covers added columns only (each nullable or with a server
-    default); changes of any other kind need real migrations.
-    """
-    inspector = inspect(connection)
-    for table in Base.metadata.sorted_tables:
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            definition = CreateColumn(column).compile(dialect=connection.dialect)
-            logger.info("Adding column %s.%s", table.name, column.name)
-            connection.exec_driver_sql(
-                f"ALTER TABLE {table.name} ADD COLUMN {definition}"
-            )
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", "taskmill:migrations")
+    return config
+
+
+@functools.cache
+def head_revision() -> str:
+    """Return the schema revision that this version of taskmill works with."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None, "taskmill ships at least one migration"
+    return head
 
 
 @contextmanager

@@ -10,7 +10,8 @@
     │   ├── ResultTooLarge        a result over max_result_bytes; the run fails
     │   └── CheckpointTooLarge    a checkpoint over max_checkpoint_bytes
     ├── InvalidTransition         the status does not allow it (HTTP 409)
-    └── ManagerNotRunning         used before startup or after shutdown (HTTP 503)
+    ├── ManagerNotRunning         used before startup or after shutdown (HTTP 503)
+    └── SchemaOutOfDate           the database needs `taskmill db upgrade`
 
 Control flow inside a task (never raised to users, documented here so that
 they are not caught by mistake): ``PauseRequested``, ``StopRequested``,
@@ -152,6 +153,20 @@ class ManagerNotRunning(TaskmillError):
         super().__init__(
             f"Cannot {operation}: the task manager is not running; "
             "call TaskManager.startup() first (the app's lifespan does this)."
+        )
+
+
+class SchemaOutOfDate(TaskmillError):
+    """The database's schema is not the one that this version of taskmill uses."""
+
+    def __init__(self, url: object, current: str | None, head: str) -> None:
+        self.current = current
+        self.head = head
+        found = "no taskmill tables" if current is None else f"revision {current}"
+        super().__init__(
+            f"The database {url} has {found}; this version of taskmill needs "
+            f"revision {head}. Run `taskmill db upgrade --db <url>` once, from "
+            "one machine, before starting taskmill."
         )
 
 

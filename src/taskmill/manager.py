@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -26,6 +26,7 @@ from taskmill.exceptions import (
     TaskTypeAlreadyRegistered,
     UnknownTaskType,
 )
+from taskmill.listener import Listener
 from taskmill.models import utcnow
 from taskmill.outcome import error_record, failed
 from taskmill.runner import LiveTask, Request, Run, RunnerRequest
@@ -157,6 +158,14 @@ class TaskManager:
         self._accepting = False
         self._upkeep: asyncio.Task[None] | None = None
         self._watchdog: LoopWatchdog | None = None
+        self._listener: Listener | None = None
+        #: Workers held for tasks that a claim of due tasks is taking.
+        self._reserved = 0
+        #: Set while a claim of due tasks, asked for by a notification, waits to run.
+        self._claim_due_scheduled = False
+        self._requests_scheduled = False
+        #: Claims and request checks that notifications started.
+        self._chores: set[asyncio.Task[None]] = set()
 
     # -- task types --
 
@@ -199,7 +208,12 @@ class TaskManager:
                 "database is private to each connection. Use a file, e.g. "
                 "'sqlite:///./taskmill.db'."
             )
-        self.database.create_schema()
+        if self.database.dialect == "sqlite":
+            # The embedded default migrates itself; a shared server database
+            # is migrated once, by `taskmill db upgrade`.
+            self.database.upgrade()
+        else:
+            self.database.check_schema()
         if not self.max_workers:
             self._accepting = True
             logger.info(
@@ -225,6 +239,9 @@ class TaskManager:
         self._watchdog.start()
         self._accepting = True
         loop.call_soon_threadsafe(self._begin)
+        if self.database.dialect == "postgresql":
+            self._listener = Listener(self.database, self._notified)
+            self._listener.start()
         logger.info(
             "Task manager %s started with %d workers, %d unfinished tasks",
             self.runner_id,
@@ -248,6 +265,9 @@ class TaskManager:
                 self._finish_shutdown()
             return
         self._accepting = False
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
         grace = self.shutdown_grace if grace is None else grace
         drain = asyncio.run_coroutine_threadsafe(self._drain(grace), loop)
         try:
@@ -529,7 +549,7 @@ class TaskManager:
             task_class = self._types.get(row.name)
             if row.owner == self.runner_id or task_class is None:
                 continue
-            lost = runners.lease_lost(row.owner, row.lease_expires_at, utcnow())
+            lost = runners.lease_lost(row.owner, row.lease_expires_at, row.read_at)
             if lost is None:
                 continue
             with self.database.write() as session:
@@ -544,13 +564,14 @@ class TaskManager:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while self._accepting and len(self._runs) < self.max_workers:
+        while self._accepting and len(self._runs) + self._reserved < self.max_workers:
             with self._lock:
                 if not self._queue:
                     return
                 task_id = self._queue.popleft()
                 live = self._live.get(task_id)
-                if live is None:
+                if live is None or not live.queued:
+                    # Claimed meanwhile with the due tasks of other processes.
                     continue
                 live.queued = False
                 live.claiming = True
@@ -570,6 +591,7 @@ class TaskManager:
         self._dispatch()
 
     async def _execute(self, live: LiveTask) -> None:
+        """Claim a queued task and run it."""
         task = None
         try:
             task = await asyncio.to_thread(self._claim, live)
@@ -586,8 +608,11 @@ class TaskManager:
             if task is None:
                 with self._lock:
                     live.claiming = False
-        if task is None:
-            return
+        if task is not None:
+            await self._run(self._prepare_run(live, task), task)
+
+    def _prepare_run(self, live: LiveTask, task: crud.TaskRow) -> Run:
+        """Make ``live``'s run for a claimed ``task``; callable from any thread."""
         run = Run(
             manager=self,
             live=live,
@@ -606,6 +631,17 @@ class TaskManager:
             if live.request is None and not self._accepting:
                 # Claimed while the manager shuts down: back to PENDING at once.
                 live.request = RunnerRequest.SUSPEND
+        return run
+
+    def _launch(self, run: Run, task: crud.TaskRow) -> None:
+        """Start a run prepared by a claim of due tasks, in a worker held for it."""
+        with self._lock:
+            self._reserved -= 1
+        future = asyncio.ensure_future(self._run(run, task))
+        self._runs.add(future)
+        future.add_done_callback(self._run_done)
+
+    async def _run(self, run: Run, task: crud.TaskRow) -> None:
         timeout = run.task_class.timeout
         if timeout is not None:
             loop = asyncio.get_running_loop()
@@ -763,37 +799,119 @@ class TaskManager:
                 self._after_run(run, status)
 
     def _adopt_pending(self) -> None:
-        """Queue PENDING tasks that this process does not track.
+        """Claim due PENDING tasks that this process has not queued, up to its free workers.
 
-        Another process may have stored them: a script, or a runner that put
-        its tasks back when it shut down. Claims are atomic, so a task that
-        two runners both queue still runs once.
+        Other processes may have stored them: a web process that runs no
+        tasks, a script, or a runner that put its tasks back when it shut
+        down. Runners that claim at once take different tasks.
         """
-        with self.database.read() as session:
-            rows = crud.list_queued(
-                session, names=builtins.list(self._types), limit=self.max_workers * 64
-            )
-        now = utcnow()
         with self._lock:
-            idle = {
-                task_id
-                for task_id, _, _ in rows
-                if (live := self._live.get(task_id)) is None
-                or not (live.queued or live.claiming or live.run)
-            }
-        for task_id, name, run_after in rows:
-            due = run_after is None or run_after <= now
-            if task_id in idle and due and name in self._types:
-                self._track(task_id, name, queue=True)
+            free = (
+                self.max_workers - len(self._runs) - len(self._queue) - self._reserved
+            )
+            if free <= 0 or not self._accepting:
+                return
+            self._reserved += free
+        claimed: builtins.list[crud.TaskRow] = []
+        try:
+            with self.database.write() as session:
+                claimed = crud.claim_due(
+                    session,
+                    names=builtins.list(self._types),
+                    owner=self.runner_id,
+                    limit=free,
+                    lease=self.lease_duration,
+                    reason=f"claimed by {self.runner_id}",
+                )
+        finally:
+            with self._lock:
+                self._reserved -= free - len(claimed)
+        loop = self._loop
+        for task in claimed:
+            with self._lock:
+                live = self._live.setdefault(task.id, LiveTask(task.id, task.name))
+                # Queued here too: the claim by id finds it taken and skips it.
+                live.queued = False
+            # The run is in the registry before this returns, so that a failed
+            # claim of the same task by id keeps the entry.
+            run = self._prepare_run(live, task)
+            assert loop is not None
+            loop.call_soon_threadsafe(self._launch, run, task)
+
+    def _notified(self, event: str, task_id: str) -> None:
+        """Handle a notification from the database; called on the listener's thread."""
+        loop = self._loop
+        if loop is None or not self._accepting:
+            return
+        if event == "pending":
+            loop.call_soon_threadsafe(self._schedule_claim_due)
+        elif event == "control":
+            with self._lock:
+                live = self._live.get(task_id)
+                running = live is not None and live.run is not None
+            if running:
+                loop.call_soon_threadsafe(self._schedule_request_check)
+
+    def _schedule_claim_due(self) -> None:
+        # Notifications that arrive while a claim is waiting share it.
+        if self._claim_due_scheduled or not self._accepting:
+            return
+        self._claim_due_scheduled = True
+        self._start_chore(self._claim_due_soon())
+
+    async def _claim_due_soon(self) -> None:
+        self._claim_due_scheduled = False
+        try:
+            await asyncio.to_thread(self._adopt_pending)
+        except SQLAlchemyError as exc:
+            logger.warning(
+                "Task manager %s: claiming due tasks failed (%s); the next poll "
+                "tries again",
+                self.runner_id,
+                exc,
+                extra={"event": "manager.claim_failed", "runner_id": self.runner_id},
+            )
+
+    def _schedule_request_check(self) -> None:
+        if self._requests_scheduled or not self._accepting:
+            return
+        self._requests_scheduled = True
+        self._start_chore(self._check_requests_soon())
+
+    def _start_chore(self, chore: Coroutine[Any, Any, None]) -> None:
+        future = asyncio.ensure_future(chore)
+        # The loop keeps only a weak reference to a task: this set keeps it alive.
+        self._chores.add(future)
+        future.add_done_callback(self._chores.discard)
+
+    async def _check_requests_soon(self) -> None:
+        self._requests_scheduled = False
+        try:
+            await asyncio.to_thread(self._check_requests)
+        except SQLAlchemyError as exc:
+            logger.warning(
+                "Task manager %s: reading requests failed (%s); the next poll "
+                "tries again",
+                self.runner_id,
+                exc,
+                extra={"event": "manager.poll_failed", "runner_id": self.runner_id},
+            )
 
     def _flush_progress(self) -> None:
         """Write reported progress, and pick up requests stored by other processes."""
         with self._lock:
             runs = [live.run for live in self._live.values() if live.run is not None]
-        if not runs:
-            return
         for run in runs:
             run.flush_progress()
+        self._check_requests(runs)
+
+    def _check_requests(self, runs: Sequence[Run] | None = None) -> None:
+        """Pass the requests that other processes stored to the runs of this one."""
+        if runs is None:
+            with self._lock:
+                runs = [live.run for live in self._live.values() if live.run]
+        if not runs:
+            return
         with self.database.read() as session:
             controls = crud.get_controls(session, [run.task_id for run in runs])
         for run in runs:
@@ -809,7 +927,11 @@ class TaskManager:
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=grace)
         await asyncio.to_thread(self._suspend_remaining)
-        pending = [*self._runs, *([self._upkeep] if self._upkeep else [])]
+        pending = [
+            *self._runs,
+            *self._chores,
+            *([self._upkeep] if self._upkeep else []),
+        ]
         for task in pending:
             task.cancel()
         if pending:

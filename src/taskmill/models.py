@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Dialect,
     Enum,
@@ -18,8 +19,12 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    bindparam,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from taskmill.status import ControlRequest, TaskStatus
 
@@ -56,6 +61,43 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=dt.UTC)
         return value.astimezone(dt.UTC)
+
+
+class database_now(FunctionElement[dt.datetime]):
+    """The database's clock, ``seconds`` ahead, as a SQL expression.
+
+    Leases and retry backoffs are set and compared with it, so runners on
+    hosts whose clocks disagree still agree on when a lease ends. SQLite runs
+    inside each process of one host, so there the host clock is the
+    database's.
+    """
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__(bindparam(None, float(seconds), type_=Float()))
+
+
+@compiles(database_now, "postgresql")
+def _postgresql_now(element: database_now, compiler: SQLCompiler, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    # statement_timestamp(), not now(): a transaction may be open for a while.
+    return (
+        "(statement_timestamp() + make_interval(secs => "
+        f"{compiler.process(seconds, **kw)}))"
+    )
+
+
+@compiles(database_now, "sqlite")
+def _sqlite_now(element: database_now, compiler: SQLCompiler, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    # The text format that SQLAlchemy stores SQLite datetimes in, so that
+    # stored values and this one compare as strings.
+    return (
+        "strftime('%Y-%m-%d %H:%M:%f000', 'now', "
+        f"({compiler.process(seconds, **kw)}) || ' seconds')"
+    )
 
 
 def _enum(cls: type[TaskStatus] | type[ControlRequest]) -> Enum:
@@ -146,7 +188,11 @@ class TaskEventModel(Base):
 
     __tablename__ = "task_events"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    )
     task_id: Mapped[str] = mapped_column(
         ForeignKey("tasks.id", ondelete="CASCADE"), index=True
     )

@@ -74,9 +74,8 @@ def lease_lost(
 ) -> str | None:
     """Return why a RUNNING task's run is lost, or None while its owner keeps its lease.
 
-    NOTE: ``now`` and the stored expiry come from the clocks of the runners'
-    hosts, not the database's, so runners on several hosts need synchronised
-    clocks.
+    ``now`` and the stored expiry both come from the database's clock, so
+    the clocks of the runners' hosts do not matter.
     """
     if process_is_gone(owner):
         return "its process is gone"
@@ -102,11 +101,11 @@ def recover(
     task that waits for its retry backoff, when it may run.
     """
     task = crud.get_task(session, seen.id, for_update=True)
-    now = utcnow()
     if (
         task.status != TaskStatus.RUNNING
         or task.owner != seen.owner
-        or lease_lost(task.owner, task.lease_expires_at, now) is None
+        or lease_lost(task.owner, task.lease_expires_at, crud.read_clock(session))
+        is None
     ):
         return None
     failures = task.failures + 1
@@ -131,7 +130,7 @@ def recover(
         outcome = _interrupted(was, detail, values)
     elif outcome.status == TaskStatus.PENDING:
         delay = policy.delay(failures)
-        values["run_after"] = now + dt.timedelta(seconds=delay)
+        values["run_after"] = utcnow() + dt.timedelta(seconds=delay)
         reason = f"{was}; resumes from its last checkpoint in {delay:.1f} s"
         outcome = Outcome(TaskStatus.PENDING, reason, values)
     crud.change_status(
