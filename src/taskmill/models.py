@@ -63,6 +63,29 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value.astimezone(dt.UTC)
 
 
+class PlainText(TypeDecorator[str]):
+    """Text that every backend stores: NUL characters become U+FFFD on PostgreSQL.
+
+    PostgreSQL rejects NUL in text, so a progress message or an id with one
+    would fail its statement; as a parameter, a NUL id matches no row.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and dialect.name == "postgresql" and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
+
+
+class PlainString(PlainText):
+    """A ``String(length)`` with the NUL handling of ``PlainText``."""
+
+    impl = String
+    cache_ok = True
+
+
 class database_now(FunctionElement[dt.datetime]):
     """The database's clock, ``seconds`` ahead, as a SQL expression.
 
@@ -131,9 +154,9 @@ class BackgroundTaskModel(Base):
 
     __tablename__ = "tasks"
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    id: Mapped[str] = mapped_column(PlainString(36), primary_key=True)
     #: The registered task type.
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(PlainString(200))
     status: Mapped[TaskStatus] = mapped_column(_enum(TaskStatus))
     params: Mapped[dict[str, Any]]
     result: Mapped[Any | None]
@@ -141,7 +164,7 @@ class BackgroundTaskModel(Base):
     error: Mapped[dict[str, Any] | None]
     #: Percent done, 0 to 100.
     progress: Mapped[float] = mapped_column(Float, default=0.0)
-    message: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str | None] = mapped_column(PlainText)
     #: The JSON state the task saved to resume from.
     checkpoint: Mapped[Any | None]
     #: How many runs have started (claims, resumes and restarts included).
@@ -154,7 +177,7 @@ class BackgroundTaskModel(Base):
     #: A pause or stop that the running task has not honoured yet.
     control: Mapped[ControlRequest | None] = mapped_column(_enum(ControlRequest))
     #: Id of the runner that owns the current run.
-    owner: Mapped[str | None] = mapped_column(String(64))
+    owner: Mapped[str | None] = mapped_column(PlainString(64))
     #: Expiry of the owner's claim. After it, another runner may take the run back.
     lease_expires_at: Mapped[dt.datetime | None]
     #: When the run last showed life (claim, progress report or checkpoint).
@@ -194,13 +217,13 @@ class TaskEventModel(Base):
         autoincrement=True,
     )
     task_id: Mapped[str] = mapped_column(
-        ForeignKey("tasks.id", ondelete="CASCADE"), index=True
+        PlainString(36), ForeignKey("tasks.id", ondelete="CASCADE"), index=True
     )
     #: None for the event that creates the task.
     from_status: Mapped[TaskStatus | None] = mapped_column(_enum(TaskStatus))
     to_status: Mapped[TaskStatus] = mapped_column(_enum(TaskStatus))
     at: Mapped[dt.datetime]
-    reason: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(PlainText)
     #: ``transition`` or ``warning``.
     kind: Mapped[str] = mapped_column(
         String(16), default="transition", server_default="transition"
