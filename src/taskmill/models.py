@@ -63,6 +63,12 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value.astimezone(dt.UTC)
 
 
+def _without_nul(value: str | None, dialect: Dialect) -> str | None:
+    if value is not None and dialect.name == "postgresql" and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
 class PlainText(TypeDecorator[str]):
     """Text that every backend stores: NUL characters become U+FFFD on PostgreSQL.
 
@@ -74,16 +80,17 @@ class PlainText(TypeDecorator[str]):
     cache_ok = True
 
     def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
-        if value is not None and dialect.name == "postgresql" and "\x00" in value:
-            return value.replace("\x00", "\ufffd")
-        return value
+        return _without_nul(value, dialect)
 
 
-class PlainString(PlainText):
+class PlainString(TypeDecorator[str]):
     """A ``String(length)`` with the NUL handling of ``PlainText``."""
 
     impl = String
     cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return _without_nul(value, dialect)
 
 
 class database_now(FunctionElement[dt.datetime]):
