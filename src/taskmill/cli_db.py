@@ -29,8 +29,7 @@ def upgrade(db: DatabaseOption = DEFAULT_DATABASE_URL) -> None:
     """
     database = _open(db)
     try:
-        before = database.revision()
-        database.upgrade()
+        before = database.upgrade()
     except SQLAlchemyError as exc:
         _fail(f"Migrating {display_url(db)} failed: {_first_line(exc)}")
     finally:

@@ -86,15 +86,18 @@ class Database:
         with self.engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
 
-    def upgrade(self) -> None:
+    def upgrade(self) -> str | None:
         """Migrate the schema to this version of taskmill, keeping every row.
 
-        Creates the tables in an empty database. Safe to run from several
-        processes at once: one migrates while the others wait, then find
-        nothing to do.
+        Creates the tables in an empty database, and returns the revision
+        that the database was at (None for an empty one). Safe to run from
+        several processes at once: one migrates while the others wait, then
+        find nothing to do.
         """
-        if self.revision() == head_revision():
-            return
+        head = head_revision()
+        current = self.revision()
+        if current == head:
+            return current
         # One write transaction (BEGIN IMMEDIATE on SQLite, a transaction-wide
         # advisory lock on PostgreSQL) around the whole migration.
         with self.engine.execution_options(taskmill_write=True).begin() as connection:
@@ -103,9 +106,13 @@ class Database:
                     text("SELECT pg_advisory_xact_lock(:key)"),
                     {"key": _MIGRATION_LOCK},
                 )
-            config = _alembic_config()
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            # Read again under the lock: another process may have migrated.
+            current = MigrationContext.configure(connection).get_current_revision()
+            if current != head:
+                config = _alembic_config()
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        return current
 
     def create_schema(self) -> None:
         """Same as ``upgrade()``."""
