@@ -35,7 +35,11 @@ class PostgresServer:
 
     def __init__(self, url: str) -> None:
         self.url = make_url(url)
-        self.admin = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        self.admin = create_engine(
+            self.url,
+            isolation_level="AUTOCOMMIT",
+            connect_args={"connect_timeout": 5},
+        )
         self.prefix = f"taskmill_test_{os.getpid()}"
         self.template = f"{self.prefix}_template"
         self.count = 0
@@ -78,23 +82,59 @@ class PostgresServer:
             connection.execute(text(statement))
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    url = os.environ.get(POSTGRES_URL_VARIABLE, DEFAULT_POSTGRES_URL)
+def postgres_problem(url: str) -> str | None:
+    """Return why the PostgreSQL server at ``url`` cannot be used, or None."""
     server = PostgresServer(url)
     try:
         server.check()
     except SQLAlchemyError as exc:
-        server.admin.dispose()
         reason = str(exc).strip().splitlines()[0]
-        message = (
+        return (
             f"PostgreSQL is not reachable at {server.url} ({reason}); set "
-            f"{POSTGRES_URL_VARIABLE} to a SQLAlchemy URL of a server to run "
-            "the PostgreSQL half of the suite"
+            f"{POSTGRES_URL_VARIABLE} to a SQLAlchemy URL of a server to run it"
         )
-        if os.environ.get(REQUIRE_POSTGRES_VARIABLE) == "1":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    finally:
+        server.admin.dispose()
+    return None
+
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Leave out the PostgreSQL half, with one message, when no server is reachable.
+
+    With TASKMILL_TEST_REQUIRE_POSTGRES=1 it stays in, and fails.
+    """
+    postgres_items = [item for item in items if item.get_closest_marker("postgresql")]
+    if not postgres_items or os.environ.get(REQUIRE_POSTGRES_VARIABLE) == "1":
+        return
+    problem = postgres_problem(
+        os.environ.get(POSTGRES_URL_VARIABLE, DEFAULT_POSTGRES_URL)
+    )
+    if problem is None:
+        return
+    config.hook.pytest_deselected(items=postgres_items)
+    items[:] = [item for item in items if not item.get_closest_marker("postgresql")]
+    config.stash[_POSTGRES_SKIPPED] = f"{len(postgres_items)} tests left out: {problem}"
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    skipped = config.stash.get(_POSTGRES_SKIPPED, None)
+    if skipped is not None:
+        terminalreporter.write_line(f"PostgreSQL half skipped ({skipped})", yellow=True)
+
+
+_POSTGRES_SKIPPED = pytest.StashKey[str]()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    url = os.environ.get(POSTGRES_URL_VARIABLE, DEFAULT_POSTGRES_URL)
+    problem = postgres_problem(url)
+    if problem is not None:
+        # Only when the server is required (or went away since collection).
+        pytest.fail(problem, pytrace=False)
+    server = PostgresServer(url)
     server.create_template()
     yield server
     server.close()
