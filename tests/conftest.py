@@ -21,9 +21,9 @@ from tests.tasks import create_ledger
 ROOT = Path(__file__).resolve().parent.parent
 
 
-#: Points the PostgreSQL half of the suite at a server, as a SQLAlchemy URL
-#: of a database on it that the tests may connect to; each test gets a new
-#: database of its own on that server.
+#: A SQLAlchemy URL of a database on the PostgreSQL server that the
+#: PostgreSQL half of the suite runs on. Each test creates a database of its
+#: own on that server.
 POSTGRES_URL_VARIABLE = "TASKMILL_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 #: Set to 1 (CI does) to fail, not skip, when PostgreSQL cannot be reached.

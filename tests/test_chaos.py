@@ -7,8 +7,8 @@ transaction, and the ledger's unique constraint fails a task whose step runs
 twice, so every task must end FINISHED with one ledger row per step.
 
 The multi-node variant runs on PostgreSQL with each runner acting as a
-machine of its own: its runner id names another host, so its tasks come back
-only when its leases expire, and its clock is off by up to a minute, which
+machine of its own. Its runner id names another host, so its tasks come back
+only when its leases expire. Its clock is off by up to a minute, which
 leases measured by the database's clock must not notice.
 """
 
@@ -80,7 +80,7 @@ def test_runners_killed_at_random_lose_no_step(
 
 
 @pytest.mark.postgresql
-def test_machines_with_wrong_clocks_killed_at_random_lose_no_step(
+def test_nodes_with_skewed_clocks_lose_no_step(
     postgres_url: str, tmp_path: Path
 ) -> None:
     envs = [

@@ -455,6 +455,8 @@ def add_warning(session: Session, task_id: str, reason: str) -> None:
 def notify(session: Session, event: str, task_id: str) -> None:
     """Send ``"<event> <task_id>"`` on ``CHANNEL`` when the transaction commits.
 
+    ``event`` is ``pending``, or ``control`` and the request (``control PAUSE``).
+
     PostgreSQL only; elsewhere runners find changes by polling.
     """
     if session.get_bind().dialect.name == "postgresql":

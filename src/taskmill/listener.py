@@ -1,7 +1,8 @@
 """Wake a manager when PostgreSQL notifies it of a new task or request.
 
-``crud.notify()`` sends ``"<event> [...] <task_id>"`` on the ``taskmill``
-channel when a write commits. A listener holds one connection of its own
+``crud.notify()`` sends ``"<event> <task_id>"`` (``"control PAUSE <task_id>"``
+for a request) on the ``taskmill``
+channel when a write commits. A listener opens one connection of its own
 with ``LISTEN taskmill`` and passes each event to its manager. Notifications
 are only a wake-up: a listener that loses its connection reconnects with
 backoff, and the manager's poll finds whatever it missed meanwhile.
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between checks of the stop flag while no notification arrives.
 _STOP_CHECK_INTERVAL = 0.5
-#: The longest wait, in seconds, between two tries to reconnect.
+#: The maximum wait, in seconds, between two tries to reconnect.
 _MAX_RECONNECT_BACKOFF = 5.0
 
 

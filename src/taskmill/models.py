@@ -72,8 +72,8 @@ def _without_nul(value: str | None, dialect: Dialect) -> str | None:
 class PlainText(TypeDecorator[str]):
     """Text that every backend stores: NUL characters become U+FFFD on PostgreSQL.
 
-    PostgreSQL rejects NUL in text, so a progress message or an id with one
-    would fail its statement; as a parameter, a NUL id matches no row.
+    PostgreSQL rejects NUL in text, so a progress message with one would
+    fail its statement. As a query parameter, an id with NUL matches no row.
     """
 
     impl = Text
@@ -96,8 +96,9 @@ class PlainString(TypeDecorator[str]):
 class database_now(FunctionElement[dt.datetime]):
     """The database's clock, ``seconds`` ahead, as a SQL expression.
 
-    Leases and retry backoffs are set and compared with it, so runners on
-    hosts whose clocks disagree still agree on when a lease ends. SQLite runs
+    Leases are set and compared with it, so runners on hosts whose clocks
+    disagree still agree on when a lease ends. Claims also compare the end
+    of a retry backoff with it. SQLite runs
     inside each process of one host, so there the host clock is the
     database's.
     """
