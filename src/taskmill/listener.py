@@ -1,9 +1,9 @@
 """Wake a manager when PostgreSQL notifies it of a new task or request.
 
 ``crud.notify()`` sends ``"<event> <task_id>"`` (``"control PAUSE <task_id>"``
-for a request) on the ``taskmill``
-channel when a write commits. A listener opens one connection of its own
-with ``LISTEN taskmill`` and passes each event to its manager. Notifications
+for a request) on the ``taskmill`` channel when a write commits. A listener
+opens one connection of its own with ``LISTEN taskmill`` and passes each
+event to its manager. Notifications
 are only a wake-up: a listener that loses its connection reconnects with
 backoff, and the manager's poll finds whatever it missed meanwhile.
 """
