@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 #: Size settings by name, e.g. ``{"pauses": 200}``.
 Sizes = Mapping[str, int]
@@ -49,3 +50,12 @@ def percentile(samples: Sequence[float], q: float) -> float:
     upper = min(lower + 1, len(ordered) - 1)
     fraction = position - lower
     return ordered[lower] + (ordered[upper] - ordered[lower]) * fraction
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """Return the last ``lines`` lines of a log file, or why it cannot be read."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(cannot read the log: {exc})"
+    return "\n".join(text.splitlines()[-lines:])

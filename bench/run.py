@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from bench.common import Benchmark, Figures
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Modules that define a ``BENCHMARK``, in the order they run.
-BENCHMARK_MODULES = ("bench.pause",)
+BENCHMARK_MODULES = ("bench.throughput", "bench.latency", "bench.scale", "bench.pause")
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results.json"
 DEFAULT_REPEAT = 3
 
@@ -137,6 +138,7 @@ def describe_run(
         # Taken before the benchmarks start: other processes that run beside
         # them slow the figures down.
         "load_average_1min": round(os.getloadavg()[0], 2),
+        "taskmill": describe_source(),
         "quick": quick,
         "repeat": repeat,
         "sizes": {
@@ -144,6 +146,38 @@ def describe_run(
             for benchmark in selected
         },
     }
+
+
+def describe_source() -> dict[str, Any]:
+    """Return where taskmill was imported from and the git commit of that tree.
+
+    ``modified`` is True when the package's files differ from that commit,
+    and None (as is ``commit``) outside a git work tree.
+    """
+    import taskmill
+
+    package = Path(taskmill.__file__).resolve().parent
+    commit = _git(package, "rev-parse", "--short", "HEAD")
+    changes = _git(package, "status", "--porcelain", "--", ".")
+    return {
+        "path": str(package),
+        "commit": commit,
+        "modified": None if changes is None else bool(changes),
+    }
+
+
+def _git(directory: Path, *arguments: str) -> str | None:
+    try:
+        completed = subprocess.run(
+            ["git", "-C", str(directory), *arguments],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return completed.stdout.strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
