@@ -615,7 +615,8 @@ def test_broken_error_str_still_fails_task(
     assert failed.error.phase == "run"
     assert failed.finished_at is not None
     assert manager.wait(following.id, timeout=PROMPT_TIMEOUT).status == S.FINISHED
-    assert manager.live_task_ids() == set()
+    # The registry lets a task go just after its outcome commits.
+    eventually(lambda: manager.live_task_ids() == set())
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [getattr(r, "task_id", None) for r in errors] == [created.id]
 
@@ -709,7 +710,7 @@ def test_async_runs_survive_garbage_collection(make_manager: MakeManager) -> Non
     manager = make_manager(ShortAsyncTask, max_workers=50)
     ids = [manager.create("short_async").id for _ in range(50)]
 
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 40
     while manager.live_task_ids() and time.monotonic() < deadline:
         gc.collect()
         time.sleep(0.01)
