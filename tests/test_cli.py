@@ -5,11 +5,8 @@ Option checks run in this process; workers and servers run as subprocesses.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,11 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 from typer.testing import CliRunner
 
-from taskmill import TaskManager
+from taskmill import Database, TaskManager
 from taskmill.cli import app
 from taskmill.examples import Countdown
+from taskmill.models import BackgroundTaskModel, TaskEventModel
 from tests.conftest import ROOT, eventually, free_port
 from tests.tasks import BlockingTask, StepTask, create_ledger, ledger_steps
 
@@ -132,40 +131,34 @@ def start_cli(tmp_path: Path, database_url: str) -> Iterator[StartCli]:
         process.kill()
 
 
-def database_path(database_url: str) -> str:
-    return database_url.removeprefix("sqlite:///")
-
-
-def read_row(database_url: str, task_id: str) -> dict[str, Any]:
-    """Read the task's row with the stdlib driver, bypassing taskmill."""
-    connection = sqlite3.connect(database_path(database_url))
-    with contextlib.closing(connection):
-        connection.row_factory = sqlite3.Row
-        row = connection.execute(
-            "SELECT * FROM tasks WHERE id = ?", (task_id,)
-        ).fetchone()
+def read_row(database: Database, task_id: str) -> dict[str, Any]:
+    """Read the task's row on the test's own connection, not through the worker."""
+    tasks = BackgroundTaskModel.__table__
+    with database.read() as session:
+        row = (
+            session.execute(select(tasks).where(tasks.c.id == task_id))
+            .mappings()
+            .one_or_none()
+        )
     assert row is not None, f"Task {task_id} is not in the database"
-    values = dict(row)
-    for column in ("checkpoint", "result"):
-        if values[column] is not None:
-            values[column] = json.loads(values[column])
-    return values
+    return dict(row)
 
 
-def read_event_reasons(database_url: str, task_id: str) -> list[str]:
-    connection = sqlite3.connect(database_path(database_url))
-    with contextlib.closing(connection):
-        rows = connection.execute(
-            "SELECT reason FROM task_events WHERE task_id = ? ORDER BY id", (task_id,)
-        ).fetchall()
-    return [reason for (reason,) in rows]
+def read_event_reasons(database: Database, task_id: str) -> list[str]:
+    with database.read() as session:
+        reasons = session.scalars(
+            select(TaskEventModel.reason)
+            .where(TaskEventModel.task_id == task_id)
+            .order_by(TaskEventModel.id)
+        )
+        return list(reasons)
 
 
 def wait_for_status(
-    database_url: str, task_id: str, status: str, timeout: float = PROCESS_SLACK
+    database: Database, task_id: str, status: str, timeout: float = PROCESS_SLACK
 ) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
-        row = read_row(database_url, task_id)
+        row = read_row(database, task_id)
         return row if row["status"] == status else None
 
     row: dict[str, Any] = eventually(reached, timeout=timeout, interval=0.05)
@@ -198,7 +191,7 @@ def stop_worker(worker: CliProcess, grace: float) -> float:
 
 
 def test_worker_runs_demo_task_stored_elsewhere(
-    start_cli: StartCli, database_url: str
+    start_cli: StartCli, database: Database, database_url: str
 ) -> None:
     task_id = create_stored_task(
         database_url, "countdown", {"seconds": 0.5, "steps": 5}
@@ -206,7 +199,7 @@ def test_worker_runs_demo_task_stored_elsewhere(
 
     worker = start_cli("worker", "--db", database_url, "--concurrency", "2")
     worker.wait_for_log("started on")
-    finished = wait_for_status(database_url, task_id, "FINISHED")
+    finished = wait_for_status(database, task_id, "FINISHED")
     stop_worker(worker, grace=10)
 
     assert finished["result"] == {"steps": 5}
@@ -221,7 +214,7 @@ def test_worker_runs_demo_task_stored_elsewhere(
 
 
 def test_worker_sigterm_requeues_for_next_worker(
-    start_cli: StartCli, database_url: str
+    start_cli: StartCli, database: Database, database_url: str
 ) -> None:
     steps = 30
     grace = 3.0
@@ -231,46 +224,40 @@ def test_worker_sigterm_requeues_for_next_worker(
         "worker", "--app", "tests.worker_app:manager", "--grace", str(grace)
     )
     eventually(
-        lambda: (
-            (read_row(database_url, task_id)["checkpoint"] or {}).get("step", 0) >= 3
-        ),
+        lambda: (read_row(database, task_id)["checkpoint"] or {}).get("step", 0) >= 3,
         timeout=PROCESS_SLACK,
     )
     elapsed = stop_worker(first, grace)
 
     assert elapsed < grace + 3, f"exit took {elapsed:.1f} s\n{first.log()}"
-    suspended = read_row(database_url, task_id)
+    suspended = read_row(database, task_id)
     assert suspended["status"] == "PENDING", suspended
     assert suspended["owner"] is None, suspended
     saved_step = suspended["checkpoint"]["step"]
     assert 3 <= saved_step < steps, suspended
-    reasons = read_event_reasons(database_url, task_id)
+    reasons = read_event_reasons(database, task_id)
     assert "shut down" in reasons[-1], reasons
     assert "Traceback" not in first.log()
 
     second = start_cli("worker", "--app", "tests.worker_app:create_manager")
-    finished = wait_for_status(database_url, task_id, "FINISHED")
+    finished = wait_for_status(database, task_id, "FINISHED")
     stop_worker(second, grace=2)
 
     assert finished["attempts"] == 2, finished
     assert finished["recoveries"] == 0, finished
     # Each step writes its ledger row with its checkpoint, once: the second
     # run began after the saved step and repeated none.
-    manager = TaskManager(database_url)
-    try:
-        assert ledger_steps(manager.database, task_id) == list(range(1, steps + 1))
-    finally:
-        manager.database.dispose()
+    assert ledger_steps(database, task_id) == list(range(1, steps + 1))
 
 
 def test_worker_second_signal_lets_shutdown_finish(
-    start_cli: StartCli, database_url: str
+    start_cli: StartCli, database: Database, database_url: str
 ) -> None:
     grace = 1.5
     task_id = create_stored_task(database_url, "blocking", {"seconds": 60})
 
     worker = start_cli("worker", "--app", "tests.worker_app:app", "--grace", str(grace))
-    wait_for_status(database_url, task_id, "RUNNING")
+    wait_for_status(database, task_id, "RUNNING")
     started = time.monotonic()
     worker.signal(signal.SIGTERM)
     worker.wait_for_log("received SIGTERM; stopping")
@@ -284,9 +271,9 @@ def test_worker_second_signal_lets_shutdown_finish(
     assert elapsed < grace + 3, f"exit took {elapsed:.1f} s\n{log}"
     assert "received SIGINT again while stopping" in log
     assert "Traceback" not in log
-    row = read_row(database_url, task_id)
+    row = read_row(database, task_id)
     assert row["status"] == "PENDING", row
-    reasons = read_event_reasons(database_url, task_id)
+    reasons = read_event_reasons(database, task_id)
     assert "shut down" in reasons[-1], reasons
 
 

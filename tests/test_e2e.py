@@ -8,12 +8,9 @@ seconds per file, so that a run lasts a few seconds and can be caught mid-way.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import re
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from taskmill import Database
+from taskmill.models import BackgroundTaskModel, TaskEventModel
 from tests.conftest import ServerProcess, run_pipeline
 
 pytestmark = pytest.mark.e2e
@@ -139,40 +139,35 @@ def log_tail(server: ServerProcess, lines: int = 40) -> str:
     return f"Server log (last {lines} lines):\n{tail}"
 
 
-def database_path(database_url: str) -> str:
-    return database_url.removeprefix("sqlite:///")
-
-
-def read_row(database_url: str, task_id: str) -> dict[str, Any]:
-    """Read the task's row with the stdlib driver, bypassing taskmill and the server."""
-    connection = sqlite3.connect(database_path(database_url))
-    with contextlib.closing(connection):
-        connection.row_factory = sqlite3.Row
-        row = connection.execute(
-            "SELECT * FROM tasks WHERE id = ?", (task_id,)
-        ).fetchone()
+def read_row(database: Database, task_id: str) -> dict[str, Any]:
+    """Read the task's row on the test's own connection, bypassing the server."""
+    tasks = BackgroundTaskModel.__table__
+    with database.read() as session:
+        row = (
+            session.execute(select(tasks).where(tasks.c.id == task_id))
+            .mappings()
+            .one_or_none()
+        )
     assert row is not None, f"Task {task_id} is not in the database"
-    values = dict(row)
-    checkpoint = values["checkpoint"]
-    values["checkpoint"] = None if checkpoint is None else json.loads(checkpoint)
-    return values
+    return dict(row)
 
 
-def read_event_reasons(database_url: str, task_id: str) -> list[str]:
-    connection = sqlite3.connect(database_path(database_url))
-    with contextlib.closing(connection):
-        rows = connection.execute(
-            "SELECT reason FROM task_events WHERE task_id = ? ORDER BY id", (task_id,)
-        ).fetchall()
-    return [reason for (reason,) in rows]
+def read_event_reasons(database: Database, task_id: str) -> list[str]:
+    with database.read() as session:
+        reasons = session.scalars(
+            select(TaskEventModel.reason)
+            .where(TaskEventModel.task_id == task_id)
+            .order_by(TaskEventModel.id)
+        )
+        return list(reasons)
 
 
 def wait_for_checkpoint_mid_way(
-    server: ServerProcess, database_url: str, task_id: str, timeout: float = 20.0
+    server: ServerProcess, database: Database, task_id: str, timeout: float = 20.0
 ) -> dict[str, Any]:
     """Poll the database until the task has saved a checkpoint and is 20-80% done."""
     deadline = time.monotonic() + timeout
-    row = read_row(database_url, task_id)
+    row = read_row(database, task_id)
     while row["checkpoint"] is None or not 20 <= row["progress"] < 80:
         if time.monotonic() > deadline:
             pytest.fail(
@@ -181,7 +176,7 @@ def wait_for_checkpoint_mid_way(
                 f"\n{log_tail(server)}"
             )
         time.sleep(0.05)
-        row = read_row(database_url, task_id)
+        row = read_row(database, task_id)
     return row
 
 
@@ -221,7 +216,7 @@ def assert_digest_matches(
 
 
 def test_paused_task_survives_kill9(
-    make_server: MakeServer, tree: Tree, database_url: str
+    make_server: MakeServer, tree: Tree, database: Database
 ) -> None:
     server = make_server(
         TASKMILL_TEST_DIGEST_DELAY=str(DIGEST_DELAY),
@@ -229,14 +224,14 @@ def test_paused_task_survives_kill9(
     )
     task_id = create_digest(server, tree)
     # Waiting for a checkpoint lets the resumed run prove that it skips files.
-    wait_for_checkpoint_mid_way(server, database_url, task_id)
+    wait_for_checkpoint_mid_way(server, database, task_id)
     post_action(server, task_id, "pause")
     paused = wait_for_status(server, task_id, "PAUSED")
     assert 0 < paused["progress"] < 100, paused
     assert paused["owner"] is None, paused
     assert paused["pending_request"] is None, paused
     assert paused["attempts"] == 1, paused
-    saved_files = checkpoint_files(read_row(database_url, task_id)["checkpoint"])
+    saved_files = checkpoint_files(read_row(database, task_id)["checkpoint"])
     assert 0 < saved_files < tree.files, saved_files
 
     server.kill9()
@@ -279,16 +274,16 @@ def test_paused_task_survives_kill9(
 
 
 def test_running_task_resumes_after_kill9(
-    make_server: MakeServer, tree: Tree, database_url: str
+    make_server: MakeServer, tree: Tree, database: Database
 ) -> None:
     server = make_server(
         TASKMILL_TEST_DIGEST_DELAY=str(DIGEST_DELAY),
         TASKMILL_DIGEST_ROOTS=str(tree.path),
     )
     task_id = create_digest(server, tree)
-    wait_for_checkpoint_mid_way(server, database_url, task_id)
+    wait_for_checkpoint_mid_way(server, database, task_id)
     server.kill9()
-    killed = read_row(database_url, task_id)
+    killed = read_row(database, task_id)
     assert killed["status"] == "RUNNING", killed
     old_owner = killed["owner"]
     assert old_owner, killed
@@ -340,7 +335,7 @@ def test_running_task_resumes_after_kill9(
 
 
 def test_sigterm_suspends_then_resumes(
-    make_server: MakeServer, tree: Tree, database_url: str
+    make_server: MakeServer, tree: Tree, database: Database
 ) -> None:
     server = make_server(
         TASKMILL_TEST_DIGEST_DELAY=str(DIGEST_DELAY),
@@ -348,11 +343,11 @@ def test_sigterm_suspends_then_resumes(
         TASKMILL_DIGEST_ROOTS=str(tree.path),
     )
     task_id = create_digest(server, tree)
-    running = wait_for_checkpoint_mid_way(server, database_url, task_id)
+    running = wait_for_checkpoint_mid_way(server, database, task_id)
 
     elapsed = server.term(timeout=GRACE + 10)
     assert elapsed < GRACE + 3, f"exit took {elapsed:.1f} s\n{log_tail(server)}"
-    stopped = read_row(database_url, task_id)
+    stopped = read_row(database, task_id)
     assert stopped["status"] == "PENDING", f"{stopped}\n{log_tail(server)}"
     assert stopped["owner"] is None, stopped
     assert stopped["control"] is None, stopped
@@ -362,7 +357,7 @@ def test_sigterm_suspends_then_resumes(
         f"checkpoint went back at shutdown: {running['checkpoint']!r} before, "
         f"{stopped['checkpoint']!r} after"
     )
-    reasons = read_event_reasons(database_url, task_id)
+    reasons = read_event_reasons(database, task_id)
     assert reasons[-1].startswith("suspended"), reasons
 
     server.restart()

@@ -1,4 +1,4 @@
-"""Several processes run the tasks of one SQLite file.
+"""Several processes run the tasks of one database.
 
 Servers here are ``uvicorn --workers N``: N processes behind one socket, each
 with its own TaskManager. Runners are ``python -m tests.runner_process``. The
@@ -9,7 +9,6 @@ owners, and the ledger that every step writes in its checkpoint's transaction.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import random
 import signal
@@ -27,15 +26,19 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func, make_url, select
+from sqlalchemy.exc import OperationalError
 
-from taskmill import Database, TaskManager
+from taskmill import Database, TaskManager, TaskStatus
+from taskmill.models import BackgroundTaskModel as Task
+from taskmill.models import TaskEventModel as Event
 from tests.conftest import ROOT, eventually, free_port
 from tests.runner_process import BackoffStepTask, RunnerProcess
-from tests.tasks import StepTask, create_ledger
+from tests.tasks import StepTask, create_ledger, ledger, ledger_steps
 
 pytestmark = pytest.mark.e2e
 
-UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+UNFINISHED = (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.PAUSED)
 
 
 class WorkersServer:
@@ -99,25 +102,20 @@ class WorkersServer:
 
 
 @pytest.fixture
-def database_path(tmp_path: Path) -> Path:
-    return tmp_path / "tasks.db"
-
-
-@pytest.fixture
-def make_workers(
-    database_path: Path, tmp_path: Path
-) -> Iterator[Callable[..., WorkersServer]]:
+def make_workers(tmp_path: Path) -> Iterator[Callable[..., WorkersServer]]:
+    """Start ``uvicorn --workers N`` servers on a database, and kill them after the test."""
     servers: list[WorkersServer] = []
 
-    def make(workers: int, **env: str) -> WorkersServer:
-        url = f"sqlite:///{database_path}"
+    def make(url: str, workers: int, **env: str) -> WorkersServer:
         # The ledger's create_all() begins as a read and then writes, and SQLite
         # fails such a write at once with "database is locked" when another
         # worker wrote first, so the tables are made before the workers start.
         database = Database(url)
-        database.create_schema()
-        create_ledger(database)
-        database.dispose()
+        try:
+            database.create_schema()
+            create_ledger(database)
+        finally:
+            database.dispose()
         log_path = tmp_path / f"workers-{len(servers)}.log"
         server = WorkersServer(url, log_path, workers, env)
         servers.append(server)
@@ -131,13 +129,13 @@ def make_workers(
 
 @pytest.fixture
 def make_runner(
-    database_path: Path, tmp_path: Path
+    database_url: str, tmp_path: Path
 ) -> Iterator[Callable[..., RunnerProcess]]:
     runners: list[RunnerProcess] = []
 
     def make(**env: str) -> RunnerProcess:
         log_path = tmp_path / f"runner-{len(runners)}.log"
-        runner = RunnerProcess(f"sqlite:///{database_path}", log_path, env)
+        runner = RunnerProcess(database_url, log_path, env)
         runners.append(runner)
         runner.start()
         return runner
@@ -148,63 +146,97 @@ def make_runner(
 
 
 @pytest.fixture
-def store(database_path: Path) -> Iterator[TaskManager]:
+def store(database_url: str) -> Iterator[TaskManager]:
     """A manager that stores and controls tasks from the test but runs none."""
-    manager = TaskManager(f"sqlite:///{database_path}", max_workers=0)
+    manager = TaskManager(database_url, max_workers=0)
     manager.register(StepTask)
     manager.register(BackoffStepTask)
     manager.startup()
-    create_ledger(manager.database)
-    yield manager
-    manager.shutdown()
+    try:
+        create_ledger(manager.database)
+        yield manager
+    finally:
+        manager.shutdown()
+
+
+@pytest.fixture
+def sqlite_database(sqlite_url: str) -> Iterator[Database]:
+    """A connection of the test's own to its SQLite file, for reading rows."""
+    database = Database(sqlite_url)
+    yield database
+    database.dispose()
 
 
 # -- reading the database --
 
 
-def query(database_path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    connection = sqlite3.connect(database_path, timeout=30)
-    try:
-        return list(connection.execute(sql, args))
-    finally:
-        connection.close()
-
-
-def task_row(database_path: Path, task_id: str) -> dict[str, Any]:
-    connection = sqlite3.connect(database_path, timeout=30)
-    connection.row_factory = sqlite3.Row
-    try:
-        row = connection.execute("SELECT * FROM tasks WHERE id = ?", (task_id,))
-        found = row.fetchone()
-    finally:
-        connection.close()
+def task_row(database: Database, task_id: str) -> dict[str, Any]:
+    tasks = Task.__table__
+    with database.read() as session:
+        found = (
+            session.execute(select(tasks).where(tasks.c.id == task_id))
+            .mappings()
+            .one_or_none()
+        )
     assert found is not None, f"no task {task_id}"
     return dict(found)
 
 
-def ledger_steps(database_path: Path, task_id: str) -> list[int]:
-    sql = "SELECT step FROM ledger WHERE task_id = ? ORDER BY step"
-    return [step for (step,) in query(database_path, sql, task_id)]
+def count_statuses(database: Database) -> dict[TaskStatus, int]:
+    """Return how many tasks have each status."""
+    with database.read() as session:
+        rows = session.execute(
+            select(Task.status, func.count()).group_by(Task.status)
+        ).all()
+    return {status: count for status, count in rows}
 
 
-def history(database_path: Path, task_id: str) -> list[tuple[str | None, str, str]]:
-    sql = (
-        "SELECT from_status, to_status, reason FROM task_events "
-        "WHERE task_id = ? ORDER BY id"
-    )
-    return [
-        (old, new, reason) for old, new, reason in query(database_path, sql, task_id)
-    ]
+def history(
+    database: Database, task_id: str
+) -> list[tuple[TaskStatus | None, TaskStatus, str]]:
+    with database.read() as session:
+        rows = session.execute(
+            select(Event.from_status, Event.to_status, Event.reason)
+            .where(Event.task_id == task_id)
+            .order_by(Event.id)
+        ).all()
+    return [(old, new, reason) for old, new, reason in rows]
+
+
+def count_claims(database: Database) -> dict[str, int]:
+    """Return how many times each task went from PENDING to RUNNING."""
+    with database.read() as session:
+        rows = session.execute(
+            select(Event.task_id, func.count())
+            .where(
+                Event.from_status == TaskStatus.PENDING,
+                Event.to_status == TaskStatus.RUNNING,
+            )
+            .group_by(Event.task_id)
+        ).all()
+    return {task_id: count for task_id, count in rows}
+
+
+def summarize_ledger(database: Database) -> dict[str, tuple[int, int, int]]:
+    """Return the count, first and last step of each task's ledger rows."""
+    step = ledger.c.step
+    with database.read() as session:
+        rows = session.execute(
+            select(
+                ledger.c.task_id, func.count(), func.min(step), func.max(step)
+            ).group_by(ledger.c.task_id)
+        ).all()
+    return {task_id: (count, first, last) for task_id, count, first, last in rows}
 
 
 def count_transitions(
-    events: list[tuple[str | None, str, str]], old: str | None, new: str
+    events: list[tuple[TaskStatus | None, TaskStatus, str]], old: str | None, new: str
 ) -> int:
     return sum(1 for event in events if event[:2] == (old, new))
 
 
 def wait_for_row(
-    database_path: Path,
+    database: Database,
     task_id: str,
     predicate: Callable[[dict[str, Any]], bool],
     timeout: float,
@@ -212,7 +244,7 @@ def wait_for_row(
     """Poll the task's row until ``predicate`` holds; fail with the last row."""
     deadline = time.monotonic() + timeout
     while True:
-        row = task_row(database_path, task_id)
+        row = task_row(database, task_id)
         if predicate(row):
             return row
         if time.monotonic() > deadline:
@@ -220,15 +252,17 @@ def wait_for_row(
         time.sleep(0.02)
 
 
-def wait_until_settled(database_path: Path, timeout: float) -> None:
+def wait_until_settled(database: Database, timeout: float) -> None:
     """Wait until no task is PENDING, RUNNING or PAUSED."""
-    placeholders = ", ".join("?" * len(UNFINISHED))
-    sql = f"SELECT count(*) FROM tasks WHERE status IN ({placeholders})"
-    eventually(
-        lambda: query(database_path, sql, *UNFINISHED)[0][0] == 0,
-        timeout=timeout,
-        interval=0.1,
-    )
+
+    def count_unfinished() -> int:
+        with database.read() as session:
+            count: int = session.execute(
+                select(func.count()).where(Task.status.in_(UNFINISHED))
+            ).scalar_one()
+            return count
+
+    eventually(lambda: count_unfinished() == 0, timeout=timeout, interval=0.1)
 
 
 def owner_pid(owner: str | None) -> int | None:
@@ -293,9 +327,9 @@ def post_all(
 
 
 def test_burst_through_workers_runs_each_task_once(
-    make_workers: Callable[..., WorkersServer], database_path: Path
+    make_workers: Callable[..., WorkersServer], database_url: str, database: Database
 ) -> None:
-    server = make_workers(4)
+    server = make_workers(database_url, 4)
     rng = random.Random(1000)
     sizes = [rng.choice((1, 2)) for _ in range(1000)]
     started = time.monotonic()
@@ -313,46 +347,31 @@ def test_burst_through_workers_runs_each_task_once(
         response.json()["id"]: n for response, n in zip(responses, sizes, strict=True)
     }
 
-    wait_until_settled(database_path, timeout=60)
+    wait_until_settled(database, timeout=60)
     settled = time.monotonic()
 
-    statuses = dict(
-        query(database_path, "SELECT status, count(*) FROM tasks GROUP BY status")
-    )
-    assert statuses == {"FINISHED": len(sizes)}
+    assert count_statuses(database) == {TaskStatus.FINISHED: len(sizes)}
 
-    claims = dict(
-        query(
-            database_path,
-            "SELECT task_id, count(*) FROM task_events "
-            "WHERE from_status = 'PENDING' AND to_status = 'RUNNING' GROUP BY task_id",
-        )
-    )
+    claims = count_claims(database)
     assert set(claims) == set(expected)
     claimed_again = {task_id: count for task_id, count in claims.items() if count != 1}
     assert claimed_again == {}
 
-    ledger = {
-        task_id: (count, first, last)
-        for task_id, count, first, last in query(
-            database_path,
-            "SELECT task_id, count(*), min(step), max(step) FROM ledger GROUP BY task_id",
-        )
-    }
-    assert set(ledger) == set(expected)
+    steps_by_task = summarize_ledger(database)
+    assert set(steps_by_task) == set(expected)
     wrong_ledger = {
         task_id: steps
-        for task_id, steps in ledger.items()
+        for task_id, steps in steps_by_task.items()
         if steps != (expected[task_id], 1, expected[task_id])
     }
     assert wrong_ledger == {}
 
-    rows = query(database_path, "SELECT id, result, owner FROM tasks")
+    with database.read() as session:
+        rows = session.execute(select(Task.id, Task.result, Task.owner)).all()
     wrong_results = {
         task_id: result
         for task_id, result, _ in rows
-        if json.loads(result)
-        != {"sum": expected[task_id] * (expected[task_id] + 1) // 2}
+        if result != {"sum": expected[task_id] * (expected[task_id] + 1) // 2}
     }
     assert wrong_results == {}
     runner_pids = Counter(owner_pid(owner) for _, _, owner in rows)
@@ -369,16 +388,16 @@ def test_burst_through_workers_runs_each_task_once(
 
 
 def test_actions_through_other_workers_take_effect(
-    make_workers: Callable[..., WorkersServer], database_path: Path
+    make_workers: Callable[..., WorkersServer], database_url: str, database: Database
 ) -> None:
-    server = make_workers(4)
+    server = make_workers(database_url, 4)
     with server.client() as client:
         response = client.post("/tasks", json=step_body(10, 0.3))
     assert response.status_code == 201, response.text
     task_id = response.json()["id"]
 
     running = wait_for_row(
-        database_path,
+        database,
         task_id,
         lambda row: row["status"] == "RUNNING" and row["progress"] >= 10,
         timeout=10,
@@ -388,7 +407,7 @@ def test_actions_through_other_workers_take_effect(
     response = act_through_other_process(server, task_id, "pause", avoid=runner)
     assert response.status_code == 202, response.text
     paused = wait_for_row(
-        database_path, task_id, lambda row: row["status"] == "PAUSED", timeout=2
+        database, task_id, lambda row: row["status"] == "PAUSED", timeout=2
     )
     assert paused["owner"] is None
     assert paused["control"] is None
@@ -411,16 +430,16 @@ def test_actions_through_other_workers_take_effect(
     response = act_through_other_process(server, task_id, "resume", avoid=runner)
     assert response.status_code == 202, response.text
     resumed = wait_for_row(
-        database_path, task_id, lambda row: row["status"] != "PAUSED", timeout=2
+        database, task_id, lambda row: row["status"] != "PAUSED", timeout=2
     )
     assert resumed["status"] in ("PENDING", "RUNNING", "FINISHED")
     finished = wait_for_row(
-        database_path, task_id, lambda row: row["status"] not in UNFINISHED, timeout=15
+        database, task_id, lambda row: row["status"] not in UNFINISHED, timeout=15
     )
     assert finished["status"] == "FINISHED"
-    assert json.loads(finished["result"]) == {"sum": 55}
-    assert ledger_steps(database_path, task_id) == list(range(1, 11))
-    events = history(database_path, task_id)
+    assert finished["result"] == {"sum": 55}
+    assert ledger_steps(database, task_id) == list(range(1, 11))
+    events = history(database, task_id)
     assert count_transitions(events, "RUNNING", "FINISHED") == 1
     assert count_transitions(events, "RUNNING", "PAUSED") == 1
     assert count_transitions(events, "PAUSED", "PENDING") == 1
@@ -431,7 +450,7 @@ def test_actions_through_other_workers_take_effect(
     assert response.status_code == 201, response.text
     stopped_id = response.json()["id"]
     running = wait_for_row(
-        database_path,
+        database,
         stopped_id,
         lambda row: row["status"] == "RUNNING" and row["progress"] >= 10,
         timeout=10,
@@ -442,15 +461,13 @@ def test_actions_through_other_workers_take_effect(
     )
     assert response.status_code == 202, response.text
     stopped = wait_for_row(
-        database_path, stopped_id, lambda row: row["status"] != "RUNNING", timeout=2
+        database, stopped_id, lambda row: row["status"] != "RUNNING", timeout=2
     )
     assert stopped["status"] == "STOPPED"
-    steps = ledger_steps(database_path, stopped_id)
+    steps = ledger_steps(database, stopped_id)
     assert steps == list(range(1, len(steps) + 1))
     assert 1 <= len(steps) < 10
-    assert (
-        count_transitions(history(database_path, stopped_id), "RUNNING", "STOPPED") == 1
-    )
+    assert count_transitions(history(database, stopped_id), "RUNNING", "STOPPED") == 1
 
 
 # -- SQLite under concurrent writers --
@@ -573,16 +590,19 @@ class ExternalWriteLock(threading.Thread):
 )
 def test_sqlite_writers_contend_without_errors(
     make_workers: Callable[..., WorkersServer],
-    database_path: Path,
+    sqlite_url: str,
+    sqlite_database: Database,
     duration: float,
     external_lock: bool,
 ) -> None:
-    server = make_workers(2, TASKMILL_TEST_WORKERS="8")
+    database = sqlite_database
+    server = make_workers(sqlite_url, 2, TASKMILL_TEST_WORKERS="8")
     started = time.monotonic()
     responses = post_all(server, [step_body(50, 0.01)] * 20, threads=4)
     assert {response.status_code for response in responses} == {201}
     long_ids = [response.json()["id"] for response in responses]
 
+    database_path = Path(str(make_url(sqlite_url).database))
     locker = ExternalWriteLock(database_path, after=1.5, hold=2.0)
     if external_lock:
         locker.start()
@@ -590,7 +610,7 @@ def test_sqlite_writers_contend_without_errors(
     if external_lock:
         locker.join(timeout=30)
         assert locker.held == pytest.approx(2.0, abs=0.5)
-    wait_until_settled(database_path, timeout=30)
+    wait_until_settled(database, timeout=30)
     settled = time.monotonic()
 
     assert report.server_errors == []
@@ -601,25 +621,23 @@ def test_sqlite_writers_contend_without_errors(
     assert "OperationalError" not in log
     assert "database unavailable" not in log
 
-    statuses = dict(
-        query(database_path, "SELECT status, count(*) FROM tasks GROUP BY status")
-    )
-    assert statuses == {"FINISHED": len(long_ids) + len(report.created)}
+    assert count_statuses(database) == {
+        TaskStatus.FINISHED: len(long_ids) + len(report.created)
+    }
     for task_id in long_ids:
-        row = task_row(database_path, task_id)
-        assert json.loads(row["result"]) == {"sum": 1275}
+        row = task_row(database, task_id)
+        assert row["result"] == {"sum": 1275}
         assert row["progress"] == 100
-        assert ledger_steps(database_path, task_id) == list(range(1, 51))
+        assert ledger_steps(database, task_id) == list(range(1, 51))
     for task_id in report.created:
-        assert ledger_steps(database_path, task_id) == [1, 2]
+        assert ledger_steps(database, task_id) == [1, 2]
     if external_lock:
         # The lock came while the long tasks ran, and creates waited for it.
         assert locker.locked_at is not None
         last_end = max(
-            dt.datetime.fromisoformat(task_row(database_path, task_id)["finished_at"])
-            for task_id in long_ids
+            task_row(database, task_id)["finished_at"] for task_id in long_ids
         )
-        assert last_end.replace(tzinfo=dt.UTC) > locker.locked_at
+        assert last_end > locker.locked_at
         assert report.slowest_create > 1.0
 
     print(
@@ -639,34 +657,58 @@ RUNNER_ENV = {
 }
 
 
-def freeze_outside_write(runner: RunnerProcess, database_path: Path) -> None:
-    """SIGSTOP the runner at a moment when it does not hold SQLite's write lock.
+def gated_step_params(gate: Path) -> dict[str, Any]:
+    """Return params of a 10-step task whose step 3 waits until ``gate`` exists.
 
-    A process stopped inside a write transaction keeps every other writer out
-    until it resumes; no lease can take that lock back.
+    Runner A waits at the gate while runner B starts, because starting B can
+    take longer than the 2 s that the whole task runs.
     """
-    for _ in range(20):
-        runner.signal(signal.SIGSTOP)
-        connection = sqlite3.connect(database_path, timeout=0.3, isolation_level=None)
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            connection.execute("ROLLBACK")
-            return
-        except sqlite3.OperationalError:
-            runner.signal(signal.SIGCONT)
-            time.sleep(0.05)
-        finally:
-            connection.close()
-    raise AssertionError("the runner held the write lock at each of 20 tries")
+    return {"n": 10, "step_s": 0.2, "gate_step": 3, "gate_file": str(gate)}
+
+
+def freeze_outside_write(
+    runner: RunnerProcess, database_url: str, task_id: str
+) -> None:
+    """SIGSTOP the runner at a moment when it holds no lock on the task's row.
+
+    A process stopped inside a write transaction keeps its locks until it
+    resumes, and no lease can take them back. On SQLite its write lock keeps
+    every other writer out. On PostgreSQL its row lock keeps out every other
+    writer of the task. The probe takes that lock without waiting for it:
+    BEGIN IMMEDIATE on SQLite, SELECT ... FOR UPDATE NOWAIT on PostgreSQL.
+    """
+    probe = Database(database_url, busy_timeout=0.3)
+    try:
+        for _ in range(20):
+            runner.signal(signal.SIGSTOP)
+            try:
+                with probe.write() as session:
+                    session.execute(
+                        select(Task.id)
+                        .where(Task.id == task_id)
+                        .with_for_update(nowait=True)
+                    )
+                return
+            except OperationalError:
+                runner.signal(signal.SIGCONT)
+                time.sleep(0.05)
+    finally:
+        probe.dispose()
+    raise AssertionError("the runner held a lock on the task at each of 20 tries")
 
 
 def test_frozen_runner_loses_task_after_lease(
-    make_runner: Callable[..., RunnerProcess], store: TaskManager, database_path: Path
+    make_runner: Callable[..., RunnerProcess],
+    store: TaskManager,
+    database_url: str,
+    database: Database,
+    tmp_path: Path,
 ) -> None:
+    gate = tmp_path / "gate"
     runner_a = make_runner(**RUNNER_ENV)
-    task_id = store.create("step", {"n": 10, "step_s": 0.2}).id
+    task_id = store.create("step", gated_step_params(gate)).id
     running = wait_for_row(
-        database_path,
+        database,
         task_id,
         lambda row: row["status"] == "RUNNING" and row["progress"] >= 20,
         timeout=10,
@@ -674,8 +716,9 @@ def test_frozen_runner_loses_task_after_lease(
     owner_a = running["owner"]
     assert runner_a.owns(owner_a)
     runner_b = make_runner(**RUNNER_ENV)
+    gate.touch()
 
-    freeze_outside_write(runner_a, database_path)
+    freeze_outside_write(runner_a, database_url, task_id)
     frozen_at = time.monotonic()
     lease_end = store.get(task_id).lease_expires_at
     assert lease_end is not None
@@ -684,7 +727,7 @@ def test_frozen_runner_loses_task_after_lease(
     assert left > 0.5, f"the lease had only {left:.2f} s left when A froze"
     samples = 0
     while dt.datetime.now(dt.UTC) < lease_end - dt.timedelta(seconds=0.1):
-        row = task_row(database_path, task_id)
+        row = task_row(database, task_id)
         assert row["status"] == "RUNNING", row
         assert row["owner"] == owner_a, row
         samples += 1
@@ -694,7 +737,7 @@ def test_frozen_runner_loses_task_after_lease(
     assert samples > 5
 
     taken = wait_for_row(
-        database_path,
+        database,
         task_id,
         lambda row: (
             row["owner"] != owner_a and row["status"] in ("RUNNING", "FINISHED")
@@ -704,7 +747,7 @@ def test_frozen_runner_loses_task_after_lease(
     assert runner_b.owns(taken["owner"])
     recovered = [
         event
-        for event in history(database_path, task_id)
+        for event in history(database, task_id)
         if event[:2] == ("RUNNING", "PENDING")
     ]
     assert len(recovered) == 1, recovered
@@ -712,7 +755,7 @@ def test_frozen_runner_loses_task_after_lease(
     assert "lease expired" in recovered[0][2]
 
     finished = wait_for_row(
-        database_path, task_id, lambda row: row["status"] != "RUNNING", timeout=10
+        database, task_id, lambda row: row["status"] != "RUNNING", timeout=10
     )
     assert finished["status"] == "FINISHED"
     assert runner_b.owns(finished["owner"])
@@ -722,13 +765,13 @@ def test_frozen_runner_loses_task_after_lease(
     eventually(lambda: lost in runner_a.log(), timeout=5)
     time.sleep(0.5)
 
-    final = task_row(database_path, task_id)
+    final = task_row(database, task_id)
     assert final["status"] == "FINISHED"
     assert runner_b.owns(final["owner"])
-    assert json.loads(final["result"]) == {"sum": 55}
+    assert final["result"] == {"sum": 55}
     assert final["recoveries"] == 1
-    assert ledger_steps(database_path, task_id) == list(range(1, 11))
-    events = history(database_path, task_id)
+    assert ledger_steps(database, task_id) == list(range(1, 11))
+    events = history(database, task_id)
     assert count_transitions(events, "RUNNING", "FINISHED") == 1
     assert count_transitions(events, "PENDING", "RUNNING") == 2
     # The stale run ends as a lost run. Its next checkpoint must find that it
@@ -743,12 +786,12 @@ def test_frozen_runner_loses_task_after_lease(
 
 
 def test_new_runner_leaves_live_runners_task(
-    make_runner: Callable[..., RunnerProcess], store: TaskManager, database_path: Path
+    make_runner: Callable[..., RunnerProcess], store: TaskManager, database: Database
 ) -> None:
     runner_a = make_runner(**RUNNER_ENV)
     task_id = store.create("step", {"n": 25, "step_s": 0.2}).id
     running = wait_for_row(
-        database_path, task_id, lambda row: row["status"] == "RUNNING", timeout=10
+        database, task_id, lambda row: row["status"] == "RUNNING", timeout=10
     )
     owner_a = running["owner"]
     assert runner_a.owns(owner_a)
@@ -761,72 +804,78 @@ def test_new_runner_leaves_live_runners_task(
     while row["status"] == "RUNNING" and time.monotonic() < deadline:
         owners.add(row["owner"])
         time.sleep(0.05)
-        row = task_row(database_path, task_id)
+        row = task_row(database, task_id)
     b_watched = time.monotonic() - b_started
 
     assert row["status"] == "FINISHED", row
     assert owners == {owner_a}
     assert b_watched > LEASE, f"the task ended {b_watched:.1f} s after B started"
     assert row["recoveries"] == 0
-    assert ledger_steps(database_path, task_id) == list(range(1, 26))
-    assert count_transitions(history(database_path, task_id), "PENDING", "RUNNING") == 1
+    assert ledger_steps(database, task_id) == list(range(1, 26))
+    assert count_transitions(history(database, task_id), "PENDING", "RUNNING") == 1
     assert task_id not in runner_b.log()
 
 
 def test_requests_reach_sleeping_task_in_other_process(
-    make_runner: Callable[..., RunnerProcess], store: TaskManager, database_path: Path
+    make_runner: Callable[..., RunnerProcess], store: TaskManager, database: Database
 ) -> None:
     runner = make_runner(**RUNNER_ENV)
     # Each step sleeps 10 s: only the runner's poll of stored requests can
     # wake the run before the step's checkpoint.
     task_id = store.create("step", {"n": 2, "step_s": 10}).id
-    wait_for_row(database_path, task_id, lambda row: row["status"] == "RUNNING", 10)
+    wait_for_row(database, task_id, lambda row: row["status"] == "RUNNING", 10)
 
     store.pause(task_id)
     paused = wait_for_row(
-        database_path, task_id, lambda row: row["status"] != "RUNNING", timeout=2
+        database, task_id, lambda row: row["status"] != "RUNNING", timeout=2
     )
     assert paused["status"] == "PAUSED"
-    assert "in sleep()" in history(database_path, task_id)[-1][2]
+    assert "in sleep()" in history(database, task_id)[-1][2]
 
     store.resume(task_id)
     running = wait_for_row(
-        database_path, task_id, lambda row: row["status"] == "RUNNING", timeout=5
+        database, task_id, lambda row: row["status"] == "RUNNING", timeout=5
     )
     assert runner.owns(running["owner"])
 
     store.stop(task_id)
     stopped = wait_for_row(
-        database_path, task_id, lambda row: row["status"] != "RUNNING", timeout=2
+        database, task_id, lambda row: row["status"] != "RUNNING", timeout=2
     )
     assert stopped["status"] == "STOPPED"
-    assert ledger_steps(database_path, task_id) == []
+    assert ledger_steps(database, task_id) == []
 
 
 def test_request_to_frozen_runner_applies_at_takeover(
-    make_runner: Callable[..., RunnerProcess], store: TaskManager, database_path: Path
+    make_runner: Callable[..., RunnerProcess],
+    store: TaskManager,
+    database_url: str,
+    database: Database,
+    tmp_path: Path,
 ) -> None:
+    gate = tmp_path / "gate"
     runner_a = make_runner(**RUNNER_ENV)
-    task_id = store.create("step", {"n": 10, "step_s": 0.2}).id
+    task_id = store.create("step", gated_step_params(gate)).id
     running = wait_for_row(
-        database_path,
+        database,
         task_id,
         lambda row: row["status"] == "RUNNING" and row["progress"] >= 20,
         timeout=10,
     )
     make_runner(**RUNNER_ENV)
-    freeze_outside_write(runner_a, database_path)
+    gate.touch()
+    freeze_outside_write(runner_a, database_url, task_id)
     store.stop(task_id)
 
     stopped = wait_for_row(
-        database_path,
+        database,
         task_id,
         lambda row: row["status"] != "RUNNING",
         timeout=LEASE + 5,
     )
     runner_a.signal(signal.SIGCONT)
     assert stopped["status"] == "STOPPED"
-    events = history(database_path, task_id)
+    events = history(database, task_id)
     assert events[-1][:2] == ("RUNNING", "STOPPED")
     assert running["owner"] in events[-1][2]
     assert "stopped as requested" in events[-1][2]
@@ -834,46 +883,51 @@ def test_request_to_frozen_runner_applies_at_takeover(
 
     # The frozen run wakes up, fails to store its next step, and ends.
     eventually(lambda: f"Task {task_id} (step) was taken back" in runner_a.log(), 5)
-    steps = ledger_steps(database_path, task_id)
+    steps = ledger_steps(database, task_id)
     assert steps == list(range(1, len(steps) + 1))
-    assert task_row(database_path, task_id)["status"] == "STOPPED"
+    assert task_row(database, task_id)["status"] == "STOPPED"
 
 
 def test_runner_shutdown_hands_task_to_other_runner(
-    make_runner: Callable[..., RunnerProcess], store: TaskManager, database_path: Path
+    make_runner: Callable[..., RunnerProcess],
+    store: TaskManager,
+    database: Database,
+    tmp_path: Path,
 ) -> None:
+    gate = tmp_path / "gate"
     runner_a = make_runner(**RUNNER_ENV)
-    task_id = store.create("step", {"n": 10, "step_s": 0.2}).id
+    task_id = store.create("step", gated_step_params(gate)).id
     wait_for_row(
-        database_path,
+        database,
         task_id,
         lambda row: row["status"] == "RUNNING" and row["progress"] >= 20,
         timeout=10,
     )
     runner_b = make_runner(**RUNNER_ENV)
+    gate.touch()
 
     assert runner_a.term() == 0
     taken = wait_for_row(
-        database_path,
+        database,
         task_id,
         lambda row: row["status"] != "PENDING" and runner_b.owns(row["owner"]),
         timeout=3,
     )
     assert taken["recoveries"] == 0
     finished = wait_for_row(
-        database_path, task_id, lambda row: row["status"] != "RUNNING", timeout=10
+        database, task_id, lambda row: row["status"] != "RUNNING", timeout=10
     )
     assert finished["status"] == "FINISHED"
-    assert ledger_steps(database_path, task_id) == list(range(1, 11))
+    assert ledger_steps(database, task_id) == list(range(1, 11))
     suspended = [
-        e for e in history(database_path, task_id) if e[:2] == ("RUNNING", "PENDING")
+        e for e in history(database, task_id) if e[:2] == ("RUNNING", "PENDING")
     ]
     assert len(suspended) == 1
     assert "shut down" in suspended[0][2]
 
 
 def test_tasks_in_backoff_leave_due_tasks_visible(
-    make_runner: Callable[..., RunnerProcess], store: TaskManager, database_path: Path
+    make_runner: Callable[..., RunnerProcess], store: TaskManager, database: Database
 ) -> None:
     # A runner with one worker reads the 64 oldest PENDING tasks at each poll.
     # Once the first 64 wait 600 s for their retry, the tasks created after
@@ -882,16 +936,16 @@ def test_tasks_in_backoff_leave_due_tasks_visible(
     params = {"n": 1, "step_s": 0, "fail_step": 1}
     waiting = [store.create("step_backoff", params).id for _ in range(70)]
     for task_id in waiting[:64]:
-        wait_for_row(database_path, task_id, lambda row: row["failures"] == 1, 20)
+        wait_for_row(database, task_id, lambda row: row["failures"] == 1, 20)
     due_id = store.create("step", {"n": 1, "step_s": 0}).id
 
     due = wait_for_row(
-        database_path, due_id, lambda row: row["status"] != "PENDING", timeout=5
+        database, due_id, lambda row: row["status"] != "PENDING", timeout=5
     )
     assert due["status"] in ("RUNNING", "FINISHED")
     never_run = [
         task_id
         for task_id in waiting[64:]
-        if task_row(database_path, task_id)["attempts"] == 0
+        if task_row(database, task_id)["attempts"] == 0
     ]
     assert never_run == []

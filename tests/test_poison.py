@@ -8,16 +8,17 @@ server forever, and the tasks queued behind it still run.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from taskmill import Database
+from taskmill.models import BackgroundTaskModel
 from tests.conftest import ServerProcess, eventually
-from tests.tasks import CrashTask
+from tests.tasks import CrashTask, ledger_steps
 
 pytestmark = pytest.mark.e2e
 
@@ -31,30 +32,17 @@ SUPERVISE_FOR = 45.0
 STAY_UP_FOR = 3.0
 
 
-def read_status(database_url: str, task_id: str) -> str:
-    """Read the task's status from the database file, with or without a server."""
-    path = database_url.removeprefix("sqlite:///")
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    with contextlib.closing(connection):
-        row = connection.execute(
-            "SELECT status FROM tasks WHERE id = ?", (task_id,)
-        ).fetchone()
-    assert row is not None, f"task {task_id} not found in {path}"
-    status: str = row[0]
+def read_status(database: Database, task_id: str) -> str:
+    """Read the task's status from the database, with or without a server."""
+    with database.read() as session:
+        status = session.scalar(
+            select(BackgroundTaskModel.status).where(BackgroundTaskModel.id == task_id)
+        )
+    assert status is not None, f"task {task_id} not found in {database.engine.url}"
     return status
 
 
-def ledger_steps(database_url: str, task_id: str) -> list[int]:
-    path = database_url.removeprefix("sqlite:///")
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    with contextlib.closing(connection):
-        rows = connection.execute(
-            "SELECT step FROM ledger WHERE task_id = ? ORDER BY step", (task_id,)
-        ).fetchall()
-    return [step for (step,) in rows]
-
-
-def supervise(server: ServerProcess, database_url: str, task_id: str) -> list[int]:
+def supervise(server: ServerProcess, database: Database, task_id: str) -> list[int]:
     """Restart the server whenever it died, until the task has ended.
 
     Returns the exit status of each death. Fails after MAX_RESTARTS restarts
@@ -63,9 +51,9 @@ def supervise(server: ServerProcess, database_url: str, task_id: str) -> list[in
     assert server.process is not None
     exit_codes: list[int] = []
     deadline = time.monotonic() + SUPERVISE_FOR
-    while read_status(database_url, task_id) not in ("FINISHED", "FAILED", "STOPPED"):
+    while read_status(database, task_id) not in ("FINISHED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, (
-            f"task still {read_status(database_url, task_id)} after "
+            f"task still {read_status(database, task_id)} after "
             f"{SUPERVISE_FOR} s and {len(exit_codes)} restarts\n{server.log()[-3000:]}"
         )
         exit_code = server.process.poll()
@@ -89,7 +77,7 @@ def get_task(server: ServerProcess, task_id: str) -> dict[str, Any]:
 
 
 def test_crashing_task_fails_after_max_attempts(
-    make_server: MakeServer, database_url: str
+    make_server: MakeServer, database: Database
 ) -> None:
     max_attempts = CrashTask.retry.max_attempts
     assert max_attempts == 3
@@ -106,7 +94,7 @@ def test_crashing_task_fails_after_max_attempts(
     assert queued.status_code == 201, queued.text
     step_id = queued.json()["id"]
 
-    exit_codes = supervise(server, database_url, crash_id)
+    exit_codes = supervise(server, database, crash_id)
     assert exit_codes == [137] * max_attempts, server.log()[-3000:]
 
     assert server.process is not None
@@ -137,7 +125,7 @@ def test_crashing_task_fails_after_max_attempts(
     assert events[-1]["to_status"] == "FAILED", events
 
     # Each run resumed from the checkpoint of step 1 and crashed in step 2.
-    assert ledger_steps(database_url, crash_id) == [1]
+    assert ledger_steps(database, crash_id) == [1]
 
     step = eventually(
         lambda: (task := get_task(server, step_id))["status"] == "FINISHED" and task,
@@ -145,4 +133,4 @@ def test_crashing_task_fails_after_max_attempts(
     )
     assert step["result"] == {"sum": 55}, step
     assert step["attempts"] == 1, step
-    assert ledger_steps(database_url, step_id) == list(range(1, 11))
+    assert ledger_steps(database, step_id) == list(range(1, 11))

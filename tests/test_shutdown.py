@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
-from taskmill import Database
+from taskmill import Database, TaskStatus
+from taskmill.models import BackgroundTaskModel
 from tests.conftest import ServerProcess, eventually
 from tests.tasks import ledger_steps
 
@@ -17,22 +17,27 @@ MakeServer = Callable[..., ServerProcess]
 GRACE = 2.0
 
 
-def read_row(database_url: str, task_id: str) -> dict[str, Any]:
-    """Read a task straight from the SQLite file, without taskmill."""
-    path = database_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as connection:
-        connection.row_factory = sqlite3.Row
-        row = connection.execute("SELECT * FROM tasks WHERE id = ?", (task_id,))
-        return dict(row.fetchone())
+def read_row(database: Database, task_id: str) -> dict[str, Any]:
+    """Read a task on the test's own connection, bypassing the server."""
+    tasks = BackgroundTaskModel.__table__
+    with database.read() as session:
+        row = (
+            session.execute(select(tasks).where(tasks.c.id == task_id))
+            .mappings()
+            .one_or_none()
+        )
+    assert row is not None, f"Task {task_id} is not in the database"
+    return dict(row)
 
 
-def count_running(database_url: str) -> int:
-    path = database_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as connection:
-        (count,) = connection.execute(
-            "SELECT count(*) FROM tasks WHERE status = 'RUNNING'"
-        ).fetchone()
-        return int(count)
+def count_running(database: Database) -> int:
+    with database.read() as session:
+        count: int = session.execute(
+            select(func.count())
+            .select_from(BackgroundTaskModel)
+            .where(BackgroundTaskModel.status == TaskStatus.RUNNING)
+        ).scalar_one()
+        return count
 
 
 def event_reasons(server: ServerProcess, task_id: str) -> list[str]:
@@ -51,7 +56,7 @@ def wait_for(server: ServerProcess, task_id: str, status: str) -> dict[str, Any]
 
 @pytest.mark.e2e
 def test_sigterm_mid_run_continues_after_restart(
-    make_server: MakeServer, database: Database, database_url: str
+    make_server: MakeServer, database: Database
 ) -> None:
     server = make_server(TASKMILL_TEST_GRACE=str(GRACE))
     params = {"n": 10, "step_s": 0.3}
@@ -62,14 +67,14 @@ def test_sigterm_mid_run_continues_after_restart(
     elapsed = server.term(timeout=GRACE + 10)
 
     assert elapsed < GRACE + 3, f"exit took {elapsed:.1f} s"
-    row = read_row(database_url, task_id)
+    row = read_row(database, task_id)
     assert row["status"] == "PENDING", row
     assert row["owner"] is None
     assert row["lease_expires_at"] is None
-    assert count_running(database_url) == 0
+    assert count_running(database) == 0
     steps = ledger_steps(database, task_id)
     assert row["progress"] == 10 * len(steps), (row["progress"], steps)
-    assert json.loads(row["checkpoint"]) == {"step": len(steps)}
+    assert row["checkpoint"] == {"step": len(steps)}
     log = server.log()
     for complaint in ("engine closed", "connection closed", "Traceback"):
         assert complaint not in log, log
@@ -88,7 +93,7 @@ def test_sigterm_mid_run_continues_after_restart(
 
 @pytest.mark.e2e
 def test_sigterm_during_blocking_step(
-    make_server: MakeServer, database_url: str
+    make_server: MakeServer, database: Database
 ) -> None:
     grace = 1.0
     server = make_server(TASKMILL_TEST_GRACE=str(grace))
@@ -102,7 +107,7 @@ def test_sigterm_during_blocking_step(
     elapsed = server.term(timeout=grace + 10)
 
     assert elapsed < grace + 3, f"exit took {elapsed:.1f} s"
-    row = read_row(database_url, task_id)
+    row = read_row(database, task_id)
     assert row["status"] == "PENDING", row
     assert row["recoveries"] == 1
     assert row["failures"] == 0
