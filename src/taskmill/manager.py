@@ -342,8 +342,10 @@ class TaskManager:
             name,
             extra={"event": "task.created", "task_id": task.id, "task_name": name},
         )
+        info = TaskInfo.model_validate(task)
+        # Queued last: the claim that it wakes competes with this thread.
         self._track(task.id, name, queue=start)
-        return TaskInfo.model_validate(task)
+        return info
 
     def get(self, task_id: str) -> TaskInfo:
         with self.database.read() as session:
