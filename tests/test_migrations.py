@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select
 from typer.testing import CliRunner
 
 from taskmill import Database, SchemaOutOfDate, TaskManager, TaskStatus
 from taskmill.cli import app
-from taskmill.database import head_revision
+from taskmill.migrations import HEAD_REVISION
 from taskmill.models import Base, TaskEventModel
 from tests.conftest import ROOT, PostgresServer
 from tests.tasks import StepTask, create_ledger, ledger_steps
@@ -31,16 +33,22 @@ def schema_differences(database: Database) -> list[object]:
         return list(compare_metadata(context, Base.metadata))
 
 
+def test_head_revision_is_the_newest_migration() -> None:
+    config = Config()
+    config.set_main_option("script_location", "taskmill:migrations")
+    assert ScriptDirectory.from_config(config).get_heads() == [HEAD_REVISION]
+
+
 def test_upgrade_creates_the_schema_of_the_models(empty_database_url: str) -> None:
     database = Database(empty_database_url)
     try:
         assert database.revision() is None
         database.upgrade()
-        assert database.revision() == head_revision()
+        assert database.revision() == HEAD_REVISION
         assert schema_differences(database) == []
         # A second upgrade finds nothing to do.
         database.upgrade()
-        assert database.revision() == head_revision()
+        assert database.revision() == HEAD_REVISION
     finally:
         database.dispose()
 
@@ -54,7 +62,7 @@ def test_db_upgrade_command(empty_database_url: str) -> None:
 
     result = runner.invoke(app, ["db", "upgrade", "--db", empty_database_url])
     assert result.exit_code == 0, result.output
-    assert f"from an empty database to revision {head_revision()}" in result.output
+    assert f"from an empty database to revision {HEAD_REVISION}" in result.output
 
     result = runner.invoke(app, ["db", "upgrade", "--db", empty_database_url])
     assert result.exit_code == 0, result.output
@@ -109,7 +117,7 @@ def test_startup_migrates_a_new_sqlite_file(sqlite_url: str) -> None:
     manager = TaskManager(sqlite_url, max_workers=0)
     manager.startup()
     try:
-        assert manager.database.revision() == head_revision()
+        assert manager.database.revision() == HEAD_REVISION
         assert schema_differences(manager.database) == []
     finally:
         manager.shutdown()
@@ -167,7 +175,7 @@ def test_databases_of_earlier_versions_upgrade_without_losing_tasks(
     assert result.exit_code == 0, result.output
     database = Database(url)
     try:
-        assert database.revision() == head_revision()
+        assert database.revision() == HEAD_REVISION
         assert schema_differences(database) == []
         with database.read() as session:
             events = session.scalars(select(TaskEventModel)).all()

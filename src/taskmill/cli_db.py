@@ -11,7 +11,8 @@ import typer
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from taskmill.cli_tasks import DatabaseOption, _fail, _first_line, display_url
-from taskmill.database import DEFAULT_DATABASE_URL, Database, head_revision
+from taskmill.database import DEFAULT_DATABASE_URL, Database
+from taskmill.migrations import HEAD_REVISION
 
 app = typer.Typer(
     name="db",
@@ -34,7 +35,7 @@ def upgrade(db: DatabaseOption = DEFAULT_DATABASE_URL) -> None:
         _fail(f"Migrating {display_url(db)} failed: {_first_line(exc)}")
     finally:
         database.dispose()
-    head = head_revision()
+    head = HEAD_REVISION
     if before == head:
         typer.echo(f"Database {display_url(db)} is already at revision {head}.")
     else:
@@ -54,7 +55,7 @@ def current(db: DatabaseOption = DEFAULT_DATABASE_URL) -> None:
         _fail(f"Reading {display_url(db)} failed: {_first_line(exc)}")
     finally:
         database.dispose()
-    head = head_revision()
+    head = HEAD_REVISION
     typer.echo(f"Database revision: {revision or 'none (no taskmill tables)'}")
     typer.echo(f"This version needs: {head}")
     if revision != head:

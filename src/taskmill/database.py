@@ -10,23 +10,19 @@ PostgreSQL is reached through psycopg 3 (``postgresql+psycopg://`` URLs).
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from taskmill.exceptions import SchemaOutOfDate
+from taskmill.migrations import HEAD_REVISION
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +80,7 @@ class Database:
     def revision(self) -> str | None:
         """Return the schema revision that the database is at; None for an empty one."""
         with self.engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+            return _current_revision(connection)
 
     def upgrade(self) -> str | None:
         """Migrate the schema to this version of taskmill, keeping every row.
@@ -94,7 +90,7 @@ class Database:
         several processes at once: one migrates while the others wait, then
         find nothing to do.
         """
-        head = head_revision()
+        head = HEAD_REVISION
         current = self.revision()
         if current == head:
             return current
@@ -107,9 +103,15 @@ class Database:
                     {"key": _MIGRATION_LOCK},
                 )
             # Read again under the lock: another process may have migrated.
-            current = MigrationContext.configure(connection).get_current_revision()
+            current = _current_revision(connection)
             if current != head:
-                config = _alembic_config()
+                # Imported here: Alembic adds megabytes to every process, and
+                # most starts find the schema up to date.
+                from alembic import command
+                from alembic.config import Config
+
+                config = Config()
+                config.set_main_option("script_location", "taskmill:migrations")
                 config.attributes["connection"] = connection
                 command.upgrade(config, "head")
         return current
@@ -120,7 +122,7 @@ class Database:
 
     def check_schema(self) -> None:
         """Raise ``SchemaOutOfDate`` unless the schema is at this version's revision."""
-        current, head = self.revision(), head_revision()
+        current, head = self.revision(), HEAD_REVISION
         if current != head:
             raise SchemaOutOfDate(self.engine.url, current, head)
 
@@ -157,18 +159,13 @@ class Database:
 _MIGRATION_LOCK = 0x7461736B6D696C6C  # "taskmill" in ASCII
 
 
-def _alembic_config() -> Config:
-    config = Config()
-    config.set_main_option("script_location", "taskmill:migrations")
-    return config
-
-
-@functools.cache
-def head_revision() -> str:
-    """Return the schema revision that this version of taskmill works with."""
-    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
-    assert head is not None, "taskmill ships at least one migration"
-    return head
+def _current_revision(connection: Connection) -> str | None:
+    """Return the revision in Alembic's version table; None when there is none."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.execute(
+        text("SELECT version_num FROM alembic_version")
+    ).scalar_one_or_none()
 
 
 @contextmanager
