@@ -38,7 +38,13 @@ from bench.common import Benchmark, Figures
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Modules that define a ``BENCHMARK``, in the order they run.
-BENCHMARK_MODULES = ("bench.throughput", "bench.latency", "bench.scale", "bench.pause")
+BENCHMARK_MODULES = (
+    "bench.throughput",
+    "bench.latency",
+    "bench.scale",
+    "bench.pause",
+    "bench.postgres",
+)
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results.json"
 DEFAULT_REPEAT = 3
 
