@@ -66,6 +66,12 @@ class Database:
         if self.is_sqlite:
             _configure_sqlite(self.engine, busy_timeout, synchronous)
         self._local = threading.local()
+        self.busy_timeout = busy_timeout
+        # SQLite has one writer at a time, and a connection that finds the
+        # lock taken sleeps in steps of up to 100 ms before it tries again.
+        # Threads of one process take turns on this lock instead, which wakes
+        # the next writer as soon as the previous one commits.
+        self._write_turn = threading.Lock() if self.is_sqlite else None
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(
             self.engine.execution_options(taskmill_write=True),
@@ -144,12 +150,23 @@ class Database:
                 "one would wait for it forever; write the rows in the first one "
                 "(in a task: pass them as checkpoint(state, effects=...))."
             )
+        turn = self._write_turn
+        if turn is not None and not turn.acquire(timeout=self.busy_timeout):
+            raise OperationalError(
+                "BEGIN IMMEDIATE",
+                {},
+                TimeoutError(
+                    f"database is locked: no write turn within {self.busy_timeout} s"
+                ),
+            )
         self._local.writing = True
         try:
             with _transaction(self._writer) as session:
                 yield session
         finally:
             self._local.writing = False
+            if turn is not None:
+                turn.release()
 
     def dispose(self) -> None:
         self.engine.dispose()
