@@ -163,6 +163,8 @@ class TaskManager:
         self._reserved = 0
         #: Set while a claim of due tasks, asked for by a notification, waits to run.
         self._claim_due_scheduled = False
+        #: Set when the last claim of due tasks took as many as it asked for.
+        self._backlog = False
         self._requests_scheduled = False
         #: Claims and request checks that notifications started.
         self._chores: set[asyncio.Task[None]] = set()
@@ -522,9 +524,12 @@ class TaskManager:
         run.wake()
 
     def _restore(self) -> None:
-        """Load unfinished tasks and take back the runs of runners that are gone.
+        """Track PAUSED tasks and take back the runs of runners that are gone.
 
-        A RUNNING task whose owner still holds its lease is left alone: its
+        PENDING tasks are left in the database: the first claim of due tasks
+        takes as many as there are free workers, so runners that start
+        together share the backlog instead of all queuing all of it. A
+        RUNNING task whose owner still holds its lease is left alone: its
         runner may be alive in another process.
         """
         with self.database.read() as session:
@@ -538,9 +543,8 @@ class TaskManager:
                     status,
                     extra={"event": "task.unknown_type", "task_id": task_id},
                 )
-            elif status != TaskStatus.RUNNING:
-                # PENDING tasks in their retry backoff are queued by a later poll.
-                self._track(task_id, name, queue=status == TaskStatus.PENDING)
+            elif status == TaskStatus.PAUSED:
+                self._track(task_id, name, queue=False)
         self._recover_lost()
 
     def _recover_lost(self) -> None:
@@ -564,6 +568,7 @@ class TaskManager:
     def _begin(self) -> None:
         self._upkeep = asyncio.ensure_future(self._upkeep_forever())
         self._dispatch()
+        self._schedule_claim_due()
 
     def _dispatch(self) -> None:
         while self._accepting and len(self._runs) + self._reserved < self.max_workers:
@@ -591,6 +596,9 @@ class TaskManager:
                 extra={"event": "runner.crashed", "runner_id": self.runner_id},
             )
         self._dispatch()
+        if self._backlog:
+            # The last claim filled every free worker, so more tasks may wait.
+            self._schedule_claim_due()
 
     async def _execute(self, live: LiveTask) -> None:
         """Claim a queued task and run it."""
@@ -828,6 +836,7 @@ class TaskManager:
         finally:
             with self._lock:
                 self._reserved -= free - len(claimed)
+        self._backlog = len(claimed) == free
         loop = self._loop
         for task in claimed:
             with self._lock:
