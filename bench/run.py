@@ -125,7 +125,7 @@ def summarize(runs: list[Figures]) -> dict[str, tuple[float, float, float]]:
 
 
 def print_table(summary: dict[str, tuple[float, float, float]], repeat: int) -> None:
-    width = max(len("figure"), *(len(key) for key in summary))
+    width = max([len("figure"), *(len(key) for key in summary)])
     print(f"{'figure':<{width}}  {'median':>10}  {'min':>10}  {'max':>10}")
     for key, (median, low, high) in summary.items():
         print(f"{key:<{width}}  {median:>10.2f}  {low:>10.2f}  {high:>10.2f}")
