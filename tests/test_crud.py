@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +18,14 @@ S = TaskStatus
 @pytest.fixture
 def database(database_url: str) -> Iterator[Database]:
     database = Database(database_url)
+    database.create_schema()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def sqlite_database(sqlite_url: str) -> Iterator[Database]:
+    database = Database(sqlite_url)
     database.create_schema()
     yield database
     database.dispose()
@@ -69,8 +79,8 @@ def test_timestamps_are_aware_utc(database: Database) -> None:
     assert abs(dt.datetime.now(dt.UTC) - task.created_at) < dt.timedelta(seconds=10)
 
 
-def test_sqlite_runs_in_wal_mode(database: Database) -> None:
-    with database.read() as session:
+def test_sqlite_runs_in_wal_mode(sqlite_database: Database) -> None:
+    with sqlite_database.read() as session:
         assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert session.execute(text("PRAGMA busy_timeout")).scalar() == 30000
 
@@ -254,15 +264,55 @@ def test_list_unfinished_ignores_terminal(database: Database) -> None:
     assert rows == [(pending, "job", S.PENDING), (paused, "job", S.PAUSED)]
 
 
-def test_write_transactions_begin_immediate(database: Database) -> None:
+def test_write_transactions_begin_immediate(sqlite_database: Database) -> None:
     statements: list[str] = []
 
-    @event.listens_for(database.engine, "before_cursor_execute")
+    @event.listens_for(sqlite_database.engine, "before_cursor_execute")
     def record(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
         statements.append(statement)
 
-    make_task(database)
-    with database.read() as session:
+    make_task(sqlite_database)
+    with sqlite_database.read() as session:
         crud.list_tasks(session)
     assert "BEGIN IMMEDIATE" in statements
     assert statements.count("BEGIN") == 1
+
+
+def test_concurrent_status_changes_wait_for_each_other(
+    database: Database, database_url: str
+) -> None:
+    """A second writer of a task waits for the first and reads its change.
+
+    SQLite makes it wait at BEGIN IMMEDIATE; on PostgreSQL it waits for the
+    row lock of the first writer's SELECT ... FOR UPDATE. Without the wait, it
+    would read PENDING and write a history that forks.
+    """
+    other = Database(database_url)
+    task_id = make_task(database)
+    errors: list[Exception] = []
+
+    def stop() -> None:
+        try:
+            with other.write() as session:
+                crud.change_status(session, task_id, S.STOPPED, reason="stopped")
+        except Exception as exc:
+            errors.append(exc)
+
+    stopper = threading.Thread(target=stop)
+    try:
+        with database.write() as session:
+            crud.change_status(session, task_id, S.PAUSED, reason="held")
+            stopper.start()
+            time.sleep(0.3)
+            waited = stopper.is_alive()
+        stopper.join(timeout=10)
+    finally:
+        other.dispose()
+    assert not stopper.is_alive()
+    assert errors == []
+    assert waited
+    assert events(database, task_id) == [
+        (None, S.PENDING),
+        (S.PENDING, S.PAUSED),
+        (S.PAUSED, S.STOPPED),
+    ]

@@ -12,13 +12,17 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
+from sqlalchemy.event import listen
+from sqlalchemy.orm import Session
 
-from taskmill import BaseTask, InvalidTransition, TaskManager, TaskStatus
+from taskmill import BaseTask, InvalidTransition, TaskManager, TaskStatus, crud
 from taskmill.status import TERMINAL, is_allowed
 from tests.conftest import eventually
+from tests.tasks import NoOp
 
 MakeManager = Callable[..., TaskManager]
 S = TaskStatus
@@ -137,3 +141,62 @@ def test_restart_right_after_finish(make_manager: MakeManager) -> None:
     settle(manager, task.id)
     assert_history_consistent(manager, task.id)
     assert manager.get(task.id).attempts == 2
+
+
+#: The fault that leaves a task PENDING beside an idle worker.
+QUEUED_DURING_CLAIM = (
+    "A claim of due tasks holds the free workers while it runs; a task that "
+    "this process queues meanwhile finds none free and is not dispatched "
+    "once the claim ends, so it stays PENDING until another run ends here"
+)
+
+
+@pytest.mark.postgresql
+@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=QUEUED_DURING_CLAIM)
+def test_task_queued_during_claim_runs(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task created while a poll's claim runs is dispatched when the claim ends.
+
+    PostgreSQL only: on SQLite the writers of one process take turns on a
+    lock, so a create cannot commit while the claim runs.
+    """
+    manager = TaskManager(
+        postgres_url, max_workers=1, poll_interval=0.05, progress_interval=0.05
+    )
+    manager.register(NoOp)
+    real_claim_due = crud.claim_due
+    found_none = threading.local()
+    claimed_nothing = threading.Event()
+    release = threading.Event()
+
+    def claim_due(session: Session, **options: Any) -> list[crud.TaskRow]:
+        claimed = real_claim_due(session, **options)
+        found_none.value = not claimed
+        return claimed
+
+    def hold_at_checkin(dbapi_connection: Any, record: Any) -> None:
+        # The poll's claim committed without finding a task. Hold it here,
+        # before it frees its worker, until the task below is queued: the
+        # order of a create that commits while the claim's statement runs.
+        if getattr(found_none, "value", False) and not release.is_set():
+            found_none.value = False
+            claimed_nothing.set()
+            release.wait(timeout=5)
+
+    monkeypatch.setattr(crud, "claim_due", claim_due)
+    # The listener stays registered, because it does nothing once released
+    # and goes away with the engine.
+    listen(manager.database.engine, "checkin", hold_at_checkin)
+    manager.startup()
+    try:
+        try:
+            assert claimed_nothing.wait(timeout=5)
+            task = manager.create("noop")
+            # Time for the manager's loop to try to dispatch the task.
+            time.sleep(0.2)
+        finally:
+            release.set()
+        assert manager.wait(task.id, timeout=5).status == S.FINISHED
+    finally:
+        manager.shutdown(grace=1.0)

@@ -1,10 +1,10 @@
-"""Edge cases of several runners on one SQLite file.
+"""Edge cases of several runners on one database.
 
 Each test sets up runners (managers in this process) on its own database and
 drives them into a corner: a shutdown that races a claim, PENDING tasks of a
 type that a runner does not know, option values that pass validation but
 break the runner, a run that comes back to a process whose old run of the
-same task is still alive, and a database file created before leases existed.
+same task is still alive, and a SQLite file created before leases existed.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import make_url
 
 from taskmill import BaseTask, TaskManager
 from taskmill.retry import Retry
@@ -31,7 +31,9 @@ from tests.tasks import (
     NoOp,
     StepParams,
     StepTask,
+    create_ledger,
 )
+from tests.test_faults import hold_write_lock
 
 MakeManager = Callable[..., TaskManager]
 
@@ -67,7 +69,7 @@ class LoopBlockingTask(BaseTask[BlockingParams]):
 
 
 def test_shutdown_during_claim_requeues_task(
-    make_manager: MakeManager, tmp_path: Path
+    make_manager: MakeManager, database_url: str
 ) -> None:
     """A task claimed while the runner drains goes back to PENDING, not FAILED."""
     runner = make_manager(FailsOnceTask, max_workers=1, poll_interval=0.1)
@@ -85,18 +87,13 @@ def test_shutdown_during_claim_requeues_task(
 
     # Hold the write lock across the end of the backoff, so that the claim
     # that follows waits for it, then shut the runner down meanwhile.
-    lock = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None, timeout=30)
-    try:
-        lock.execute("BEGIN IMMEDIATE")
+    with hold_write_lock(database_url):
         wait = (info.run_after - dt.datetime.now(dt.UTC)).total_seconds()
         time.sleep(max(wait, 0) + 0.4)
         shutdown = threading.Thread(target=runner.shutdown, kwargs={"grace": 1.0})
         shutdown.start()
         time.sleep(0.3)
-        lock.execute("ROLLBACK")
-        shutdown.join(timeout=15)
-    finally:
-        lock.close()
+    shutdown.join(timeout=15)
     assert not shutdown.is_alive()
 
     after = runner.get(task.id)
@@ -213,11 +210,10 @@ def _dead_runner_id() -> str:
     return f"{host}:4194304:dead00"  # above Linux's largest pid
 
 
-def test_database_without_lease_columns_upgraded(
-    make_manager: MakeManager, tmp_path: Path
-) -> None:
+def test_database_without_lease_columns_upgraded(sqlite_url: str) -> None:
     """A file made before failures, leases and backoff existed keeps its tasks."""
-    path = tmp_path / "tasks.db"
+    path = make_url(sqlite_url).database
+    assert path is not None
     stored = "2024-01-02 03:04:05.000000"
     rows = [
         ("pending", "PENDING", None, None, 0),
@@ -252,15 +248,23 @@ def test_database_without_lease_columns_upgraded(
     finally:
         connection.close()
 
-    manager = make_manager(StepTask, max_workers=2, poll_interval=0.1)
-
-    columns = {
-        row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(tasks)")
-    }
-    assert {"failures", "lease_expires_at", "heartbeat_at", "run_after"} <= columns
-    assert manager.wait("pending", timeout=10).status == "FINISHED"
-    recovered = manager.wait("running", timeout=10)
-    assert recovered.status == "FINISHED"
-    assert recovered.recoveries == 1
-    assert manager.get("paused").status == "PAUSED"
-    assert manager.get("finished").status == "FINISHED"
+    manager = TaskManager(
+        sqlite_url, max_workers=2, poll_interval=0.1, progress_interval=0.05
+    )
+    manager.register(StepTask)
+    manager.database.create_schema()
+    create_ledger(manager.database)
+    manager.startup()
+    try:
+        columns = {
+            row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(tasks)")
+        }
+        assert {"failures", "lease_expires_at", "heartbeat_at", "run_after"} <= columns
+        assert manager.wait("pending", timeout=10).status == "FINISHED"
+        recovered = manager.wait("running", timeout=10)
+        assert recovered.status == "FINISHED"
+        assert recovered.recoveries == 1
+        assert manager.get("paused").status == "PAUSED"
+        assert manager.get("finished").status == "FINISHED"
+    finally:
+        manager.shutdown(grace=1.0)
