@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -197,15 +198,15 @@ def database(database_url: str) -> Iterator[Database]:
     opened.dispose()
 
 
-@pytest.fixture
-def make_manager(database_url: str) -> Iterator[Callable[..., TaskManager]]:
-    """Build started managers on the test's database; shut them down afterwards."""
+@contextmanager
+def manager_factory(url: str) -> Iterator[Callable[..., TaskManager]]:
+    """Build started managers on ``url``; shut them down when the block ends."""
     managers: list[TaskManager] = []
 
     def make(*task_classes: type[BaseTask[Any]], **options: Any) -> TaskManager:
         options.setdefault("progress_interval", 0.05)
         options.setdefault("shutdown_grace", 2.0)
-        manager = TaskManager(options.pop("url", database_url), **options)
+        manager = TaskManager(options.pop("url", url), **options)
         for task_class in task_classes:
             manager.register(task_class)
         manager.database.create_schema()
@@ -214,9 +215,25 @@ def make_manager(database_url: str) -> Iterator[Callable[..., TaskManager]]:
         managers.append(manager)
         return manager
 
-    yield make
-    for manager in managers:
-        manager.shutdown(grace=1.0)
+    try:
+        yield make
+    finally:
+        for manager in managers:
+            manager.shutdown(grace=1.0)
+
+
+@pytest.fixture
+def make_manager(database_url: str) -> Iterator[Callable[..., TaskManager]]:
+    """Build started managers on the test's database; shut them down afterwards."""
+    with manager_factory(database_url) as make:
+        yield make
+
+
+@pytest.fixture
+def make_postgres_manager(postgres_url: str) -> Iterator[Callable[..., TaskManager]]:
+    """Build started managers on the test's PostgreSQL database."""
+    with manager_factory(postgres_url) as make:
+        yield make
 
 
 def eventually(

@@ -1,4 +1,4 @@
-"""Database: write turns between the threads of one process on SQLite."""
+"""Database: write turns on SQLite, errors that count as transient, URLs in messages."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import time
 
 import pytest
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from taskmill import Database, crud
-from taskmill.database import is_transient
+from taskmill.database import display_url, is_transient
 
 
 def test_sqlite_writers_of_one_process_take_turns(sqlite_url: str) -> None:
@@ -73,3 +74,26 @@ def test_sqlite_write_turn_times_out_as_locked(sqlite_url: str) -> None:
     with database.write() as session:
         crud.create_task(session, name="after", params={})
     database.dispose()
+
+
+def test_pool_timeout_is_transient() -> None:
+    assert is_transient(PoolTimeout("QueuePool limit of size 5 overflow 10 reached"))
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql+psycopg://app:secret@db/tasks",
+            "postgresql+psycopg://app:***@db/tasks",
+        ),
+        (
+            "postgresql+psycopg://db/tasks?user=app&password=secret",
+            "postgresql+psycopg://db/tasks?password=%2A%2A%2A&user=app",
+        ),
+        ("sqlite:///./taskmill.db", "sqlite:///./taskmill.db"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_display_url_masks_passwords(url: str, shown: str) -> None:
+    assert display_url(url) == shown

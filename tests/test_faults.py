@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 from sqlalchemy import create_engine, event, make_url, text
-from sqlalchemy.exc import InternalError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from taskmill import (
@@ -524,19 +524,7 @@ def read_only_spell(database: Database) -> Iterator[None]:
     engine.dispose()
 
 
-def test_connections_recover_after_read_only_spell(
-    make_manager: MakeManager, backend: str, request: pytest.FixtureRequest
-) -> None:
-    if backend == "postgresql":
-        request.applymarker(
-            pytest.mark.xfail(
-                raises=InternalError,
-                strict=True,
-                reason="taskmill counts neither PostgreSQL's ReadOnlySqlTransaction "
-                "as transient nor its connection as broken, so the pool keeps "
-                "read-only connections and every write through them fails",
-            )
-        )
+def test_connections_recover_after_read_only_spell(make_manager: MakeManager) -> None:
     manager = make_manager(Echo)
     manager.create("echo", {"text": "before"})
     with read_only_spell(manager.database):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import threading
 import time
 import uuid
@@ -603,25 +602,6 @@ def test_action_results_match_table() -> None:
     assert TERMINAL == {S.FINISHED, S.FAILED, S.STOPPED}
 
 
-#: A known fault of the manager, which tests/test_races.py reproduces in
-#: test_task_queued_during_claim_runs.
-QUEUED_DURING_CLAIM = (
-    "A task queued while a claim of due tasks holds the free workers is not "
-    "dispatched when the claim ends; on PostgreSQL, where a claim takes "
-    "longer, examples meet it often"
-)
-
-
-def is_task_left_pending(error: BaseException) -> bool:
-    """Tell whether ``error`` is, or holds, a settle timeout with a worker left idle."""
-    if isinstance(error, BaseExceptionGroup):
-        return any(is_task_left_pending(each) for each in error.exceptions)
-    found = re.search(
-        r"did not settle .*: (\d+) tasks RUNNING, expected (\d+)", str(error)
-    )
-    return found is not None and int(found[1]) < int(found[2])
-
-
 @pytest.mark.timeout(0 if EXAMPLES else 120)
 def test_lifecycle_follows_model(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -631,11 +611,4 @@ def test_lifecycle_follows_model(
     else:
         databases = postgres_databases(request.getfixturevalue("postgres_server"))
     machine = type("Machine", (LifecycleMachine,), {"databases": databases})
-    try:
-        run_state_machine_as_test(machine, settings=SETTINGS[backend])
-    except (AssertionError, BaseExceptionGroup) as error:
-        # TODO: remove this branch once the manager dispatches such a task.
-        # Any other failure still fails the test.
-        if backend == "postgresql" and is_task_left_pending(error):
-            pytest.xfail(QUEUED_DURING_CLAIM)
-        raise
+    run_state_machine_as_test(machine, settings=SETTINGS[backend])

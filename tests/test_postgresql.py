@@ -8,6 +8,7 @@ here that both backends can run take ``database_url``; the others take
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 
@@ -15,6 +16,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from taskmill import (
     BaseTask,
@@ -25,6 +27,7 @@ from taskmill import (
     create_router,
     crud,
 )
+from taskmill.database import is_transient
 from taskmill.examples import Countdown
 from tests.conftest import eventually
 
@@ -106,16 +109,13 @@ def test_concurrent_claims_skip_locked_rows(
 
 @pytest.mark.postgresql
 def test_notifications_wake_an_idle_runner_and_carry_requests(
-    make_manager: MakeManager, postgres_url: str
+    make_postgres_manager: MakeManager,
 ) -> None:
     # Polls far apart: only a notification explains a quick start or pause.
-    runner = make_manager(
-        Countdown,
-        url=postgres_url,
-        poll_interval=60.0,
-        progress_interval=60.0,
+    runner = make_postgres_manager(
+        Countdown, poll_interval=60.0, progress_interval=60.0
     )
-    web = make_manager(Countdown, url=postgres_url, max_workers=0)
+    web = make_postgres_manager(Countdown, max_workers=0)
     started = time.monotonic()
     # Steps of 10 s: a pause that waited for the next checkpoint would be late.
     task = web.create("countdown", {"seconds": 30, "steps": 3})
@@ -133,10 +133,10 @@ def test_notifications_wake_an_idle_runner_and_carry_requests(
 
 @pytest.mark.postgresql
 def test_listener_reconnects_after_its_connection_is_killed(
-    make_manager: MakeManager, postgres_url: str
+    make_postgres_manager: MakeManager,
 ) -> None:
-    runner = make_manager(Countdown, url=postgres_url, poll_interval=60.0)
-    web = make_manager(Countdown, url=postgres_url, max_workers=0)
+    runner = make_postgres_manager(Countdown, poll_interval=60.0)
+    web = make_postgres_manager(Countdown, max_workers=0)
 
     def kill_listeners() -> int:
         with web.database.write() as session:
@@ -156,3 +156,67 @@ def test_listener_reconnects_after_its_connection_is_killed(
     # And later notifications arrive again.
     second = web.create("countdown", {"seconds": 0, "steps": 1})
     assert runner.wait(second.id, timeout=10).status == S.FINISHED
+
+
+def test_updated_at_comes_from_the_database_clock(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose clock is a minute slow still stamps changes with the database's time."""
+    database.upgrade()
+    slow = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
+    monkeypatch.setattr(crud, "utcnow", lambda: slow)
+    with database.write() as session:
+        task = crud.create_task(session, name="job", params={})
+        claimed = crud.claim_task(session, task.id, "runner", reason="claimed", lease=5)
+    assert claimed is not None
+    now = dt.datetime.now(dt.UTC)
+    assert abs((task.updated_at - now).total_seconds()) < 5
+    assert abs((claimed.updated_at - now).total_seconds()) < 5
+    assert claimed.lease_expires_at is not None
+    assert abs((claimed.lease_expires_at - now).total_seconds() - 5) < 5
+
+
+@pytest.mark.postgresql
+def test_lease_renewal_skips_a_locked_row(
+    two_databases: tuple[Database, Database],
+) -> None:
+    first, second = two_databases
+    with first.write() as session:
+        ids = [crud.create_task(session, name="job", params={}).id for _ in range(2)]
+        for task_id in ids:
+            crud.claim_task(session, task_id, "runner-a", reason="claimed", lease=5)
+    with first.write() as session:
+        # Another transaction holds one of the runner's rows, as a slow
+        # checkpoint or a person in psql would.
+        session.execute(
+            text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": ids[0]}
+        )
+        with second.write() as other:
+            other.execute(text("SET LOCAL lock_timeout = '2s'"))
+            crud.renew_leases(other, "runner-a", lease=600)
+    with first.read() as session:
+        leases = {task.id: task.lease_expires_at for task in crud.list_tasks(session)}
+    now = dt.datetime.now(dt.UTC)
+    assert leases[ids[0]] is not None
+    assert leases[ids[1]] is not None
+    assert (leases[ids[0]] - now).total_seconds() < 60
+    assert (leases[ids[1]] - now).total_seconds() > 500
+
+
+@pytest.mark.postgresql
+def test_lock_wait_fails_as_transient_after_busy_timeout(postgres_url: str) -> None:
+    holder, database = Database(postgres_url), Database(postgres_url, busy_timeout=0.5)
+    try:
+        with holder.write() as session:
+            session.execute(text("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE"))
+            started = time.monotonic()
+            with pytest.raises(OperationalError) as caught:
+                with database.write() as other:
+                    crud.create_task(other, name="job", params={})
+            waited = time.monotonic() - started
+        assert is_transient(caught.value)
+        assert "lock timeout" in str(caught.value)
+        assert waited < 10
+    finally:
+        holder.dispose()
+        database.dispose()

@@ -143,16 +143,7 @@ def test_restart_right_after_finish(make_manager: MakeManager) -> None:
     assert manager.get(task.id).attempts == 2
 
 
-#: The fault that leaves a task PENDING beside an idle worker.
-QUEUED_DURING_CLAIM = (
-    "A claim of due tasks holds the free workers while it runs; a task that "
-    "this process queues meanwhile finds none free and is not dispatched "
-    "once the claim ends, so it stays PENDING until another run ends here"
-)
-
-
 @pytest.mark.postgresql
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=QUEUED_DURING_CLAIM)
 def test_task_queued_during_claim_runs(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

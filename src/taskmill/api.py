@@ -342,10 +342,10 @@ class _TaskmillRoute(APIRoute):
                     reason,
                     extra={"event": "api.database_unavailable"},
                 )
+                # The reason goes to the log only: it may name the database
+                # server, its address and its users.
                 return JSONResponse(
-                    {
-                        "detail": f"The task database is unavailable ({reason}); retry later."
-                    },
+                    {"detail": "The task database is unavailable; retry later."},
                     status_code=503,
                     headers={"Retry-After": "1"},
                 )

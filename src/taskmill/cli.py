@@ -27,8 +27,7 @@ from starlette.applications import Starlette
 
 from taskmill import cli_db, cli_tasks
 from taskmill.api_key import API_KEY_HEADER, API_KEY_VARIABLE, api_key_from_environment
-from taskmill.cli_tasks import display_url
-from taskmill.database import DEFAULT_DATABASE_URL, Database
+from taskmill.database import DEFAULT_DATABASE_URL, Database, display_url
 from taskmill.demo import (
     CONCURRENCY_VARIABLE,
     DATABASE_URL_VARIABLE,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import typer
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from taskmill.cli_tasks import DatabaseOption, _fail, _first_line, display_url
-from taskmill.database import DEFAULT_DATABASE_URL, Database
+from taskmill.cli_tasks import DatabaseOption, _fail, _first_line
+from taskmill.database import DEFAULT_DATABASE_URL, Database, display_url
 from taskmill.migrations import HEAD_REVISION
 
 app = typer.Typer(

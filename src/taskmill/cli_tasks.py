@@ -27,7 +27,12 @@ from rich.table import Table
 from sqlalchemy import inspect, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from taskmill.database import DEFAULT_DATABASE_URL, Database, is_transient
+from taskmill.database import (
+    DEFAULT_DATABASE_URL,
+    Database,
+    display_url,
+    is_transient,
+)
 from taskmill.demo import DATABASE_URL_VARIABLE
 from taskmill.exceptions import InvalidTransition, TaskNotFound
 from taskmill.manager import TaskManager
@@ -358,14 +363,6 @@ def _call(db: str, operation: Callable[[], T]) -> T:
 def _fail(message: str) -> NoReturn:
     typer.echo(f"Error: {message}", err=True)
     raise typer.Exit(1)
-
-
-def display_url(url: str) -> str:
-    """Return ``url`` with any password masked, for logs and messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
 
 
 # -- output --

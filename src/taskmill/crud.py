@@ -93,7 +93,7 @@ def create_task(
             attempts=0,
             recoveries=0,
             created_at=now,
-            updated_at=now,
+            updated_at=database_now(),
         )
         .returning(TaskRow)
     )
@@ -253,15 +253,24 @@ def read_clock(session: Session) -> dt.datetime:
 
 
 def renew_leases(session: Session, owner: str, *, lease: float) -> None:
-    """Extend the lease of every run that ``owner`` holds."""
-    expires = database_now(lease)
-    statement = (
-        update(_tasks)
+    """Extend the lease of every run that ``owner`` holds.
+
+    On PostgreSQL, a row that another transaction has locked is skipped
+    until the next renewal, so one locked task cannot hold up the leases of
+    the others.
+    """
+    held = (
+        select(_tasks.c.id)
         .where(
             _tasks.c.owner == owner,
             _tasks.c.status == TaskStatus.RUNNING.value,
         )
-        .values(lease_expires_at=expires)
+        .with_for_update(skip_locked=True)
+    )
+    statement = (
+        update(_tasks)
+        .where(_tasks.c.id.in_(held.scalar_subquery()))
+        .values(lease_expires_at=database_now(lease))
     )
     session.execute(statement)
 
@@ -313,7 +322,7 @@ def change_status(
     statement = (
         update(TaskRow)
         .where(TaskRow.id == task_id)
-        .values(status=to, updated_at=now, **values)
+        .values(status=to, updated_at=database_now(), **values)
         .returning(TaskRow)
         .execution_options(populate_existing=True)
     )
@@ -331,7 +340,7 @@ def set_control(
     statement = (
         update(TaskRow)
         .where(TaskRow.id == task_id)
-        .values(control=request, updated_at=utcnow())
+        .values(control=request, updated_at=database_now())
         .returning(TaskRow)
         .execution_options(populate_existing=True)
     )
@@ -392,7 +401,7 @@ def save_checkpoint(
             progress=progress,
             message=message,
             heartbeat_at=now,
-            updated_at=now,
+            updated_at=database_now(),
         )
         .returning(_tasks.c.control)
     )
@@ -416,7 +425,10 @@ def save_progress(
             update(_tasks)
             .where(_owned_by(run, task_id))
             .values(
-                progress=progress, message=message, heartbeat_at=now, updated_at=now
+                progress=progress,
+                message=message,
+                heartbeat_at=now,
+                updated_at=database_now(),
             )
         )
 
@@ -479,7 +491,7 @@ def _claim_values(owner: str, now: dt.datetime, lease: float) -> dict[str, Any]:
         "run_after": None,
         "started_at": now,
         "finished_at": None,
-        "updated_at": now,
+        "updated_at": database_now(),
     }
 
 

@@ -18,7 +18,13 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.engine import Connection, ExceptionContext
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from taskmill.exceptions import SchemaOutOfDate
@@ -42,19 +48,26 @@ class Database:
         *,
         busy_timeout: float = 30.0,
         synchronous: str = "NORMAL",
+        pool_size: int = 10,
         echo: bool = False,
     ) -> None:
         self.url = url
         options: dict[str, Any] = {}
         parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (
-            None,
-            "",
-            ":memory:",
-        ):
+        backend = parsed.get_backend_name()
+        if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
             # Request threads, hook threads and the manager share the pool, and
             # SQLite connections are cheap: never make a caller wait for one.
             options["max_overflow"] = -1
+        elif backend == "postgresql":
+            # Connections that stay open: an overflow connection is closed
+            # when it is returned, so a pool smaller than the number of
+            # threads that use it opens a server process for each checkout.
+            options["pool_size"] = pool_size
+            options["max_overflow"] = 10
+            options["pool_timeout"] = busy_timeout
+            if "connect_timeout" not in parsed.query:
+                options["connect_args"] = {"connect_timeout": _CONNECT_TIMEOUT}
         self.engine = create_engine(url, echo=echo, **options)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         #: True for an in-memory SQLite database, which is private to each connection.
@@ -65,6 +78,8 @@ class Database:
         )
         if self.is_sqlite:
             _configure_sqlite(self.engine, busy_timeout, synchronous)
+        elif self.engine.dialect.name == "postgresql":
+            _configure_postgresql(self.engine, busy_timeout)
         self._local = threading.local()
         self.busy_timeout = busy_timeout
         # SQLite has one writer at a time, and a connection that finds the
@@ -130,7 +145,7 @@ class Database:
         """Raise ``SchemaOutOfDate`` unless the schema is at this version's revision."""
         current, head = self.revision(), HEAD_REVISION
         if current != head:
-            raise SchemaOutOfDate(self.engine.url, current, head)
+            raise SchemaOutOfDate(display_url(self.url), current, head)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -171,6 +186,13 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
 
+
+#: PostgreSQL's SQLSTATE for a write in a read-only transaction.
+_READ_ONLY_TRANSACTION = "25006"
+
+#: Seconds that a new PostgreSQL connection may take, unless the URL sets
+#: ``connect_timeout``.
+_CONNECT_TIMEOUT = 10
 
 #: The key of the PostgreSQL advisory lock that serialises migrations.
 _MIGRATION_LOCK = 0x7461736B6D696C6C  # "taskmill" in ASCII
@@ -223,14 +245,48 @@ _TRANSIENT_SQLITE_ERRORS = (
 )
 
 
+def display_url(url: str) -> str:
+    """Return ``url`` with its password masked, in the user part or the query."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True)
+
+
 def is_transient(exc: SQLAlchemyError) -> bool:
     """Tell a database that is unavailable for now from one that rejects the statement."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, PoolTimeout):
+        # Every connection of the pool stayed busy for busy_timeout seconds.
         return True
     if not isinstance(exc, OperationalError):
         return False
     name = getattr(exc.orig, "sqlite_errorname", None)
     return name is None or name.startswith(_TRANSIENT_SQLITE_ERRORS)
+
+
+def _configure_postgresql(engine: Engine, busy_timeout: float) -> None:
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        # A server in read-only mode (a standby, or default_transaction_read_only)
+        # may be writable again later; as a disconnect, the error is transient
+        # and the pool replaces the connection.
+        sqlstate = getattr(context.original_exception, "sqlstate", None)
+        if sqlstate == _READ_ONLY_TRANSACTION:
+            context.is_disconnect = True
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # A statement that waits longer than this for a row or table lock
+        # fails as transient (the API answers 503), as SQLite's busy timeout
+        # does, instead of holding its thread for as long as the lock lasts.
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = {int(busy_timeout * 1000)}")
+        dbapi_connection.commit()
 
 
 def _configure_sqlite(engine: Engine, busy_timeout: float, synchronous: str) -> None:

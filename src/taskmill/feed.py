@@ -24,8 +24,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from taskmill import crud
 from taskmill.database import Database
-from taskmill.models import BackgroundTaskModel, TaskEventModel, utcnow
+from taskmill.models import BackgroundTaskModel, TaskEventModel
 from taskmill.schemas import TaskEventInfo, TaskInfo
 from taskmill.status import TaskStatus
 
@@ -275,7 +276,8 @@ class _Poller:
     def __init__(self, database: Database, overlap: float) -> None:
         self.database = database
         self.overlap = dt.timedelta(seconds=overlap)
-        self.newest = utcnow()
+        #: The newest ``updated_at`` seen; the database's clock at the first poll.
+        self.newest: dt.datetime | None = None
         #: ``updated_at`` of the rows seen within the overlap, by task id.
         self.seen: dict[str, dt.datetime] = {}
         #: The last status seen of those rows, to tell when to recount.
@@ -286,15 +288,18 @@ class _Poller:
         self.counted_at = 0.0
 
     def poll(self, session: Session, watched: set[str]) -> _Changes:
-        since = self.newest - self.overlap
+        # updated_at comes from the database's clock, so the start does too.
+        newest = self.newest or crud.read_clock(session)
+        since = newest - self.overlap
         rows = session.execute(
             select(_tasks.id, _tasks.updated_at).where(_tasks.updated_at >= since)
         ).all()
         changed = [row.id for row in rows if self.seen.get(row.id) != row.updated_at]
         for row in rows:
             self.seen[row.id] = row.updated_at
-            self.newest = max(self.newest, row.updated_at)
-        self._forget_before(self.newest - self.overlap)
+            newest = max(newest, row.updated_at)
+        self.newest = newest
+        self._forget_before(newest - self.overlap)
         for task_id in list(self.event_cursors):
             if task_id not in watched:
                 del self.event_cursors[task_id]

@@ -50,9 +50,24 @@ class Listener:
         failures = 0
         while not self._stopping.is_set():
             try:
-                self._listen(reconnected=failures > 0)
+                connection = self._connect()
+                try:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    if failures:
+                        logger.info(
+                            "Listening for notifications again after %d failed tries",
+                            failures,
+                            extra={"event": "listener.recovered"},
+                        )
+                        # Tasks stored while the connection was down sent no
+                        # notification that reached here.
+                        self.on_event("pending", "")
+                    failures = 0
+                    self._receive(connection)
+                finally:
+                    connection.close()
             except Exception as exc:
-                # Log the first failure in a row, not one per try.
+                # Log the first failure of each outage, not one per try.
                 if not failures:
                     logger.warning(
                         "Listening for notifications failed (%s); polling meanwhile, "
@@ -63,27 +78,13 @@ class Listener:
                 failures += 1
                 backoff = min(0.1 * 2 ** min(failures, 16), _MAX_RECONNECT_BACKOFF)
                 self._stopping.wait(backoff)
-                continue
-            failures = 0
 
-    def _listen(self, *, reconnected: bool) -> None:
-        connection = self._connect()
-        try:
-            connection.execute(f"LISTEN {CHANNEL}")
-            if reconnected:
-                logger.info(
-                    "Listening for notifications again",
-                    extra={"event": "listener.recovered"},
-                )
-                # Tasks stored while the connection was down sent no
-                # notification that reached here.
-                self.on_event("pending", "")
-            while not self._stopping.is_set():
-                for notification in connection.notifies(timeout=_STOP_CHECK_INTERVAL):
-                    event, _, task_id = notification.payload.partition(" ")
-                    self.on_event(event, task_id.rpartition(" ")[2])
-        finally:
-            connection.close()
+    def _receive(self, connection: Any) -> None:
+        """Pass notifications on until the listener stops or the connection fails."""
+        while not self._stopping.is_set():
+            for notification in connection.notifies(timeout=_STOP_CHECK_INTERVAL):
+                event, _, task_id = notification.payload.partition(" ")
+                self.on_event(event, task_id.rpartition(" ")[2])
 
     def _connect(self) -> Any:
         """Open a psycopg connection, outside the pool, with the engine's settings."""

@@ -132,7 +132,11 @@ class TaskManager:
                 )
         self._owns_database = not isinstance(database, Database)
         self.database = (
-            database if isinstance(database, Database) else Database(database)
+            database
+            if isinstance(database, Database)
+            # A connection for each worker and the manager's own thread, with
+            # room for web requests.
+            else Database(database, pool_size=max(10, max_workers + 5))
         )
         self.max_workers = max_workers
         self.progress_interval = progress_interval
@@ -838,6 +842,9 @@ class TaskManager:
                 self._reserved -= free - len(claimed)
         self._backlog = len(claimed) == free
         loop = self._loop
+        if loop is not None:
+            # Tasks queued here while the workers were held wait for a dispatch.
+            loop.call_soon_threadsafe(self._dispatch)
         for task in claimed:
             with self._lock:
                 live = self._live.setdefault(task.id, LiveTask(task.id, task.name))
