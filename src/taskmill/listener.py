@@ -21,7 +21,7 @@ from taskmill.database import Database
 logger = logging.getLogger(__name__)
 
 #: Seconds between checks of the stop flag while no notification arrives.
-_STOP_CHECK_INTERVAL = 0.5
+_STOP_CHECK_INTERVAL = 0.1
 #: The maximum wait, in seconds, between two tries to reconnect.
 _MAX_RECONNECT_BACKOFF = 5.0
 
