@@ -201,10 +201,13 @@ class TaskManager:
         return self._accepting
 
     def startup(self) -> None:
-        """Create the schema, start the runner, and load the unfinished tasks.
+        """Migrate a SQLite schema, start the runner, and take up unfinished tasks.
 
-        PAUSED tasks stay paused, PENDING ones are queued, and RUNNING ones
-        that a process left behind when it died resume from their checkpoint.
+        PAUSED tasks stay paused, PENDING ones are claimed as workers are
+        free, and RUNNING ones that a process left behind when it died resume
+        from their checkpoint. A PostgreSQL schema must be at this version's
+        revision already (``taskmill db upgrade``), or ``SchemaOutOfDate`` is
+        raised.
         """
         if self._loop is not None or self._accepting:
             raise RuntimeError("The task manager is already running.")
@@ -249,7 +252,7 @@ class TaskManager:
             self._listener = Listener(self.database, self._notified)
             self._listener.start()
         logger.info(
-            "Task manager %s started with %d workers, %d unfinished tasks",
+            "Task manager %s started with %d workers, %d paused or recovered tasks",
             self.runner_id,
             self.max_workers,
             len(self._live),
