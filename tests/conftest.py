@@ -13,10 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, make_url, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskmill import BaseTask, Database, TaskManager
+from taskmill.models import BackgroundTaskModel, TaskEventModel
 from tests.tasks import create_ledger
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,6 +235,30 @@ def make_postgres_manager(postgres_url: str) -> Iterator[Callable[..., TaskManag
     """Build started managers on the test's PostgreSQL database."""
     with manager_factory(postgres_url) as make:
         yield make
+
+
+def read_row(database: Database, task_id: str) -> dict[str, Any]:
+    """Read a task's row on the test's own connection, bypassing any server."""
+    tasks = BackgroundTaskModel.__table__
+    with database.read() as session:
+        row = (
+            session.execute(select(tasks).where(tasks.c.id == task_id))
+            .mappings()
+            .one_or_none()
+        )
+    assert row is not None, f"Task {task_id} is not in the database"
+    return dict(row)
+
+
+def read_event_reasons(database: Database, task_id: str) -> list[str]:
+    """Read the reasons of a task's history rows, oldest first."""
+    with database.read() as session:
+        reasons = session.scalars(
+            select(TaskEventModel.reason)
+            .where(TaskEventModel.task_id == task_id)
+            .order_by(TaskEventModel.id)
+        )
+        return list(reasons)
 
 
 def eventually(

@@ -16,14 +16,18 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
 from typer.testing import CliRunner
 
 from taskmill import Database, TaskManager
 from taskmill.cli import app
 from taskmill.examples import Countdown
-from taskmill.models import BackgroundTaskModel, TaskEventModel
-from tests.conftest import ROOT, eventually, free_port
+from tests.conftest import (
+    ROOT,
+    eventually,
+    free_port,
+    read_event_reasons,
+    read_row,
+)
 from tests.tasks import BlockingTask, StepTask, create_ledger, ledger_steps
 
 #: Seconds that a process may take to start, or to exit beyond its grace.
@@ -129,29 +133,6 @@ def start_cli(tmp_path: Path, database_url: str) -> Iterator[StartCli]:
     yield start
     for process in processes:
         process.kill()
-
-
-def read_row(database: Database, task_id: str) -> dict[str, Any]:
-    """Read the task's row on the test's own connection, not through the worker."""
-    tasks = BackgroundTaskModel.__table__
-    with database.read() as session:
-        row = (
-            session.execute(select(tasks).where(tasks.c.id == task_id))
-            .mappings()
-            .one_or_none()
-        )
-    assert row is not None, f"Task {task_id} is not in the database"
-    return dict(row)
-
-
-def read_event_reasons(database: Database, task_id: str) -> list[str]:
-    with database.read() as session:
-        reasons = session.scalars(
-            select(TaskEventModel.reason)
-            .where(TaskEventModel.task_id == task_id)
-            .order_by(TaskEventModel.id)
-        )
-        return list(reasons)
 
 
 def wait_for_status(

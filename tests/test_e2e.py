@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from taskmill import Database
-from taskmill.models import BackgroundTaskModel, TaskEventModel
-from tests.conftest import ServerProcess, run_pipeline
+from tests.conftest import (
+    ServerProcess,
+    read_event_reasons,
+    read_row,
+    run_pipeline,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -137,29 +140,6 @@ def wait_for_status(
 def log_tail(server: ServerProcess, lines: int = 40) -> str:
     tail = "\n".join(server.log().splitlines()[-lines:])
     return f"Server log (last {lines} lines):\n{tail}"
-
-
-def read_row(database: Database, task_id: str) -> dict[str, Any]:
-    """Read the task's row on the test's own connection, bypassing the server."""
-    tasks = BackgroundTaskModel.__table__
-    with database.read() as session:
-        row = (
-            session.execute(select(tasks).where(tasks.c.id == task_id))
-            .mappings()
-            .one_or_none()
-        )
-    assert row is not None, f"Task {task_id} is not in the database"
-    return dict(row)
-
-
-def read_event_reasons(database: Database, task_id: str) -> list[str]:
-    with database.read() as session:
-        reasons = session.scalars(
-            select(TaskEventModel.reason)
-            .where(TaskEventModel.task_id == task_id)
-            .order_by(TaskEventModel.id)
-        )
-        return list(reasons)
 
 
 def wait_for_checkpoint_mid_way(

@@ -10,24 +10,11 @@ from sqlalchemy import func, select
 
 from taskmill import Database, TaskStatus
 from taskmill.models import BackgroundTaskModel
-from tests.conftest import ServerProcess, eventually
+from tests.conftest import ServerProcess, eventually, read_row
 from tests.tasks import ledger_steps
 
 MakeServer = Callable[..., ServerProcess]
 GRACE = 2.0
-
-
-def read_row(database: Database, task_id: str) -> dict[str, Any]:
-    """Read a task on the test's own connection, bypassing the server."""
-    tasks = BackgroundTaskModel.__table__
-    with database.read() as session:
-        row = (
-            session.execute(select(tasks).where(tasks.c.id == task_id))
-            .mappings()
-            .one_or_none()
-        )
-    assert row is not None, f"Task {task_id} is not in the database"
-    return dict(row)
 
 
 def count_running(database: Database) -> int:

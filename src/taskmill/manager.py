@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -165,11 +165,10 @@ class TaskManager:
         self._listener: Listener | None = None
         #: Workers held for tasks that a claim of due tasks is taking.
         self._reserved = 0
-        #: Set while a claim of due tasks, asked for by a notification, waits to run.
-        self._claim_due_scheduled = False
+        #: Chores (a claim of due tasks, a check of requests) waiting to start.
+        self._scheduled: set[str] = set()
         #: Set when the last claim of due tasks took as many as it asked for.
         self._backlog = False
-        self._requests_scheduled = False
         #: Claims and request checks that notifications started.
         self._chores: set[asyncio.Task[None]] = set()
 
@@ -874,48 +873,34 @@ class TaskManager:
                 loop.call_soon_threadsafe(self._schedule_request_check)
 
     def _schedule_claim_due(self) -> None:
-        # Notifications that arrive while a claim is waiting share it.
-        if self._claim_due_scheduled or not self._accepting:
-            return
-        self._claim_due_scheduled = True
-        self._start_chore(self._claim_due_soon())
-
-    async def _claim_due_soon(self) -> None:
-        self._claim_due_scheduled = False
-        try:
-            await asyncio.to_thread(self._adopt_pending)
-        except SQLAlchemyError as exc:
-            logger.warning(
-                "Task manager %s: claiming due tasks failed (%s); the next poll "
-                "tries again",
-                self.runner_id,
-                exc,
-                extra={"event": "manager.claim_failed", "runner_id": self.runner_id},
-            )
+        self._schedule_chore("claim", self._adopt_pending, "claiming due tasks")
 
     def _schedule_request_check(self) -> None:
-        if self._requests_scheduled or not self._accepting:
-            return
-        self._requests_scheduled = True
-        self._start_chore(self._check_requests_soon())
+        self._schedule_chore("requests", self._check_requests, "reading requests")
 
-    def _start_chore(self, chore: Coroutine[Any, Any, None]) -> None:
-        future = asyncio.ensure_future(chore)
+    def _schedule_chore(self, key: str, work: Callable[[], object], doing: str) -> None:
+        """Run ``work`` on the database thread soon, once for all calls until it starts."""
+        if key in self._scheduled or not self._accepting:
+            return
+        self._scheduled.add(key)
+        future = asyncio.ensure_future(self._run_chore(key, work, doing))
         # The loop keeps only a weak reference to a task: this set keeps it alive.
         self._chores.add(future)
         future.add_done_callback(self._chores.discard)
 
-    async def _check_requests_soon(self) -> None:
-        self._requests_scheduled = False
+    async def _run_chore(
+        self, key: str, work: Callable[[], object], doing: str
+    ) -> None:
+        self._scheduled.discard(key)
         try:
-            await asyncio.to_thread(self._check_requests)
+            await asyncio.to_thread(work)
         except SQLAlchemyError as exc:
             logger.warning(
-                "Task manager %s: reading requests failed (%s); the next poll "
-                "tries again",
+                "Task manager %s: %s failed (%s); the next poll tries again",
                 self.runner_id,
+                doing,
                 exc,
-                extra={"event": "manager.poll_failed", "runner_id": self.runner_id},
+                extra={"event": "manager.chore_failed", "runner_id": self.runner_id},
             )
 
     def _flush_progress(self) -> None:
