@@ -64,7 +64,7 @@ def test_sqlite_write_turn_times_out_as_locked(sqlite_url: str) -> None:
         with pytest.raises(OperationalError, match="database is locked") as caught:
             with database.write():
                 pass
-        # The API answers 503 for it, as for a lock held by another process.
+        # The API returns 503 for it, as for a lock held by another process.
         assert is_transient(caught.value)
     finally:
         release.set()
