@@ -158,23 +158,6 @@ def list_unfinished(session: Session) -> list[tuple[str, str, TaskStatus]]:
     return [(row.id, row.name, row.status) for row in session.execute(statement)]
 
 
-def list_queued(
-    session: Session, *, names: Sequence[str], limit: int
-) -> list[tuple[str, str, dt.datetime | None]]:
-    """Return id, name and ``run_after`` of the oldest due PENDING tasks of ``names``."""
-    statement = (
-        select(TaskRow.id, TaskRow.name, TaskRow.run_after)
-        .where(
-            TaskRow.status == TaskStatus.PENDING,
-            TaskRow.name.in_(names),
-            _is_due(),
-        )
-        .order_by(TaskRow.created_at, TaskRow.id)
-        .limit(limit)
-    )
-    return [(row.id, row.name, row.run_after) for row in session.execute(statement)]
-
-
 def claim_due(
     session: Session,
     *,
