@@ -62,8 +62,8 @@ def build_manager() -> TaskManager:
 def pretend_other_machine(host: str, clock_skew: float) -> None:
     """Make this process look like a runner on another machine with a wrong clock.
 
-    Its runner ids name ``host``, so that no other runner can check whether
-    its process is alive and leases alone decide; every clock reading of
+    Its runner ids name ``host``, so no other runner can check whether its
+    process is alive, and leases alone decide. Every clock reading of
     taskmill's own is ``clock_skew`` seconds off.
     """
     runners._HOST_KEY = host

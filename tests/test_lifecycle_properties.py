@@ -30,7 +30,7 @@ variable turns on for both backends (it also lifts the per-test timeout):
 
 100 examples took about a minute on SQLite on the same machine. A failure
 that depends on thread timing may not replay, and Hypothesis then reports it
-as flaky; the first traceback in the report gives the step and the mismatch.
+as flaky. The first traceback in the report gives the step and the mismatch.
 """
 
 from __future__ import annotations

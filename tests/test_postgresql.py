@@ -91,16 +91,16 @@ def test_concurrent_claims_skip_locked_rows(
         ids = [crud.create_task(session, name="job", params={}).id for _ in range(3)]
     claim = {"names": ["job"], "limit": 1, "lease": 60.0, "reason": "claimed"}
     with first.write() as session:
-        held = crud.claim_due(session, owner="runner-a", **claim)
-        assert [task.id for task in held] == ids[:1]
+        first_claim = crud.claim_due(session, owner="runner-a", **claim)
+        assert [task.id for task in first_claim] == ids[:1]
         # The first transaction is still open and holds its row's lock: the
         # second runner takes the next task at once instead of waiting.
         started = time.monotonic()
         with second.write() as other:
             other.execute(text("SET LOCAL lock_timeout = '2s'"))
-            taken = crud.claim_due(other, owner="runner-b", **claim)
+            second_claim = crud.claim_due(other, owner="runner-b", **claim)
         waited = time.monotonic() - started
-    assert [task.id for task in taken] == ids[1:2]
+    assert [task.id for task in second_claim] == ids[1:2]
     assert waited < 2
     with first.read() as session:
         owners = {task.id: task.owner for task in crud.list_tasks(session)}
@@ -186,7 +186,7 @@ def test_lease_renewal_skips_a_locked_row(
         for task_id in ids:
             crud.claim_task(session, task_id, "runner-a", reason="claimed", lease=5)
     with first.write() as session:
-        # Another transaction holds one of the runner's rows, as a slow
+        # Another transaction locks one of the runner's rows, as a slow
         # checkpoint or a person in psql would.
         session.execute(
             text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": ids[0]}

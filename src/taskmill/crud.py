@@ -242,7 +242,7 @@ def renew_leases(session: Session, owner: str, *, lease: float) -> None:
     until the next renewal, so one locked task cannot hold up the leases of
     the others.
     """
-    held = (
+    owned = (
         select(_tasks.c.id)
         .where(
             _tasks.c.owner == owner,
@@ -252,7 +252,7 @@ def renew_leases(session: Session, owner: str, *, lease: float) -> None:
     )
     statement = (
         update(_tasks)
-        .where(_tasks.c.id.in_(held.scalar_subquery()))
+        .where(_tasks.c.id.in_(owned.scalar_subquery()))
         .values(lease_expires_at=database_now(lease))
     )
     session.execute(statement)

@@ -273,8 +273,8 @@ def _configure_postgresql(engine: Engine, busy_timeout: float) -> None:
     @event.listens_for(engine, "handle_error")
     def _on_error(context: ExceptionContext) -> None:
         # A server in read-only mode (a standby, or default_transaction_read_only)
-        # may be writable again later; as a disconnect, the error is transient
-        # and the pool replaces the connection.
+        # may be writable again later. Marked as a disconnect, the error counts
+        # as transient and the pool replaces the connection.
         sqlstate = getattr(context.original_exception, "sqlstate", None)
         if sqlstate == _READ_ONLY_TRANSACTION:
             context.is_disconnect = True
@@ -282,8 +282,8 @@ def _configure_postgresql(engine: Engine, busy_timeout: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # A statement that waits longer than this for a row or table lock
-        # fails as transient (the API answers 503), as SQLite's busy timeout
-        # does, instead of holding its thread for as long as the lock lasts.
+        # fails as transient (the API returns 503), as with SQLite's busy
+        # timeout, instead of blocking its thread for as long as the lock lasts.
         with dbapi_connection.cursor() as cursor:
             cursor.execute(f"SET lock_timeout = {int(busy_timeout * 1000)}")
         dbapi_connection.commit()
