@@ -627,7 +627,7 @@ class TaskManager:
         if task is not None:
             await self._run(self._prepare_run(live, task), task)
 
-    def _prepare_run(self, live: LiveTask, task: crud.TaskRow) -> Run:
+    def _prepare_run(self, live: LiveTask, task: crud.Task) -> Run:
         """Make ``live``'s run for a claimed ``task``; callable from any thread."""
         run = Run(
             manager=self,
@@ -649,7 +649,7 @@ class TaskManager:
                 live.request = RunnerRequest.SUSPEND
         return run
 
-    def _launch(self, run: Run, task: crud.TaskRow) -> None:
+    def _launch(self, run: Run, task: crud.Task) -> None:
         """Start a run prepared by a claim of due tasks, in a worker held for it."""
         with self._lock:
             self._reserved -= 1
@@ -657,7 +657,7 @@ class TaskManager:
         self._runs.add(future)
         future.add_done_callback(self._run_done)
 
-    async def _run(self, run: Run, task: crud.TaskRow) -> None:
+    async def _run(self, run: Run, task: crud.Task) -> None:
         timeout = run.task_class.timeout
         if timeout is not None:
             loop = asyncio.get_running_loop()
@@ -704,7 +704,7 @@ class TaskManager:
         )
         run.wake()
 
-    def _claim(self, live: LiveTask) -> crud.TaskRow | None:
+    def _claim(self, live: LiveTask) -> crud.Task | None:
         """Claim a queued task, or stop tracking it if another runner has it."""
         task_id = live.task_id
         with self.database.write() as session:
@@ -828,7 +828,7 @@ class TaskManager:
             if free <= 0 or not self._accepting:
                 return
             self._reserved += free
-        claimed: builtins.list[crud.TaskRow] = []
+        claimed: builtins.list[crud.Task] = []
         try:
             with self.database.write() as session:
                 claimed = crud.claim_due(

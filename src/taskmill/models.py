@@ -24,6 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.functions import FunctionElement
 
 from taskmill.status import ControlRequest, TaskStatus
@@ -106,8 +107,10 @@ class database_now(FunctionElement[dt.datetime]):
     type = UTCDateTime()
     inherit_cache = True
 
-    def __init__(self, seconds: float = 0.0) -> None:
-        super().__init__(bindparam(None, float(seconds), type_=Float()))
+    def __init__(self, seconds: float | BindParameter[float] = 0.0) -> None:
+        if not isinstance(seconds, BindParameter):
+            seconds = bindparam(None, float(seconds), type_=Float())
+        super().__init__(seconds)
 
 
 @compiles(database_now, "postgresql")
