@@ -256,7 +256,8 @@ def fail_writes(
 
 
 def sets_status(status: TaskStatus) -> Callable[[dict[str, Any]], bool]:
-    return lambda values: values.get("status") == status
+    # Prebuilt statements name their parameters after the column with "p_".
+    return lambda values: status in (values.get("status"), values.get("p_status"))
 
 
 def test_outcome_written_after_database_recovers(make_manager: MakeManager) -> None:

@@ -120,13 +120,18 @@ def create_task(
 
 def get_task(session: Session, task_id: str, *, for_update: bool = False) -> Task:
     """Return the task with ``task_id``; raise ``TaskNotFound`` if there is none."""
-    statement = select(*_tasks.c).where(_tasks.c.id == task_id)
-    if for_update:
-        statement = statement.with_for_update()
-    task = session.execute(statement).one_or_none()
+    task = find_task(session, task_id, for_update=for_update)
     if task is None:
         raise TaskNotFound(task_id)
     return task
+
+
+def find_task(
+    session: Session, task_id: str, *, for_update: bool = False
+) -> Task | None:
+    """Return the task with ``task_id``, or None if there is none."""
+    statement = _LOCK_TASK if for_update else _READ_TASK
+    return session.execute(statement, {"p_id": task_id}).one_or_none()
 
 
 def list_tasks(
@@ -346,15 +351,46 @@ def claim_task(
     Returns None if the task is not PENDING, or waits for the backoff of a
     retry. The claim is one conditional UPDATE, so two runners cannot both win it.
     """
+    claimed = claim_tasks(session, [task_id], owner, reason=reason, lease=lease)
+    return claimed[0] if claimed else None
+
+
+def claim_tasks(
+    session: Session,
+    task_ids: Sequence[str],
+    owner: str,
+    *,
+    reason: str,
+    lease: float,
+) -> list[Task]:
+    """Claim those of ``task_ids`` that are PENDING and due, in one UPDATE.
+
+    Returns the claimed rows in no particular order; the others are left as
+    they are, like ``claim_task()`` leaves a task that it cannot claim.
+    """
+    if not task_ids:
+        return []
     now = utcnow()
-    task = session.execute(
-        _CLAIM_TASK,
-        {"p_id": task_id, "p_owner": owner, "p_now": now, "p_lease": float(lease)},
-    ).one_or_none()
-    if task is None:
-        return None
-    _add_event(session, task_id, TaskStatus.PENDING, TaskStatus.RUNNING, now, reason)
-    return task
+    tasks = list(
+        session.execute(
+            _CLAIM_TASKS,
+            {
+                "p_ids": list(task_ids),
+                "p_owner": owner,
+                "p_now": now,
+                "p_lease": float(lease),
+            },
+        )
+    )
+    _add_events(
+        session,
+        [task.id for task in tasks],
+        TaskStatus.PENDING,
+        TaskStatus.RUNNING,
+        now,
+        reason,
+    )
+    return tasks
 
 
 def save_checkpoint(
@@ -594,16 +630,20 @@ _INSERT_TASK = (
 
 _INSERT_EVENT = insert(_events)
 
+_READ_TASK = select(*_tasks.c).where(_tasks.c.id == bindparam("p_id"))
+
+_LOCK_TASK = _READ_TASK.with_for_update()
+
 _LOCK_STATUS = (
     select(_tasks.c.status, _tasks.c.owner, _tasks.c.attempts)
     .where(_tasks.c.id == bindparam("p_id"))
     .with_for_update()
 )
 
-_CLAIM_TASK = (
+_CLAIM_TASKS = (
     update(_tasks)
     .where(
-        _tasks.c.id == bindparam("p_id"),
+        _tasks.c.id.in_(bindparam("p_ids", expanding=True)),
         _tasks.c.status == TaskStatus.PENDING.value,
         _is_due(),
     )

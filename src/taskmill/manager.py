@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -19,7 +20,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskmill import crud, registry, runners
-from taskmill.database import DEFAULT_DATABASE_URL, Database
+from taskmill.database import DEFAULT_DATABASE_URL, Database, is_transient
 from taskmill.exceptions import (
     InvalidTransition,
     TaskNotFound,
@@ -28,7 +29,7 @@ from taskmill.exceptions import (
 )
 from taskmill.listener import Listener
 from taskmill.models import utcnow
-from taskmill.outcome import error_record, failed
+from taskmill.outcome import Outcome, error_record, failed
 from taskmill.runner import LiveTask, Request, Run, RunnerRequest
 from taskmill.schemas import TaskEventInfo, TaskInfo
 from taskmill.status import (
@@ -171,6 +172,13 @@ class TaskManager:
         self._backlog = False
         #: Claims and request checks that notifications started.
         self._chores: set[asyncio.Task[None]] = set()
+        #: Queued tasks with a worker held for them, waiting to be claimed.
+        self._claims: builtins.list[LiveTask] = []
+        #: Outcomes of runs waiting to be written, with the future of each.
+        self._outcomes: builtins.list[
+            tuple[Run, Outcome, asyncio.Future[TaskStatus | None]]
+        ] = []
+        self._writes_scheduled = False
 
     # -- task types --
 
@@ -577,10 +585,14 @@ class TaskManager:
         self._schedule_claim_due()
 
     def _dispatch(self) -> None:
-        while self._accepting and len(self._runs) + self._reserved < self.max_workers:
-            with self._lock:
-                if not self._queue:
-                    return
+        """Hold a worker for each queued task, up to the free ones, and claim them."""
+        claiming = False
+        with self._lock:
+            while (
+                self._accepting
+                and self._queue
+                and len(self._runs) + self._reserved < self.max_workers
+            ):
                 task_id = self._queue.popleft()
                 live = self._live.get(task_id)
                 if live is None or not live.queued:
@@ -588,10 +600,11 @@ class TaskManager:
                     continue
                 live.queued = False
                 live.claiming = True
-            run = asyncio.ensure_future(self._execute(live))
-            # The loop keeps only a weak reference to a task: this set keeps it alive.
-            self._runs.add(run)
-            run.add_done_callback(self._run_done)
+                self._reserved += 1
+                self._claims.append(live)
+                claiming = True
+        if claiming:
+            self._schedule_writes()
 
     def _run_done(self, run: asyncio.Task[Any]) -> None:
         self._runs.discard(run)
@@ -605,27 +618,6 @@ class TaskManager:
         if self._backlog:
             # The last claim filled every free worker, so more tasks may wait.
             self._schedule_claim_due()
-
-    async def _execute(self, live: LiveTask) -> None:
-        """Claim a queued task and run it."""
-        task = None
-        try:
-            task = await asyncio.to_thread(self._claim, live)
-        except SQLAlchemyError as exc:
-            logger.warning(
-                "Task %s (%s): claiming it failed (%s); it stays PENDING and is "
-                "queued again by the next poll",
-                live.task_id,
-                live.name,
-                exc,
-                extra={"event": "task.claim_failed", "task_id": live.task_id},
-            )
-        finally:
-            if task is None:
-                with self._lock:
-                    live.claiming = False
-        if task is not None:
-            await self._run(self._prepare_run(live, task), task)
 
     def _prepare_run(self, live: LiveTask, task: crud.Task) -> Run:
         """Make ``live``'s run for a claimed ``task``; callable from any thread."""
@@ -704,29 +696,229 @@ class TaskManager:
         )
         run.wake()
 
-    def _claim(self, live: LiveTask) -> crud.Task | None:
-        """Claim a queued task, or stop tracking it if another runner has it."""
-        task_id = live.task_id
-        with self.database.write() as session:
-            reason = f"claimed by {self.runner_id}"
-            task = crud.claim_task(
-                session,
-                task_id,
-                self.runner_id,
-                reason=reason,
-                lease=self.lease_duration,
-            )
-            row = None if task is not None else crud.get_task(session, task_id)
-        if row is not None:
-            with self._lock:
-                live.claiming = False
-            if row.status == TaskStatus.PENDING and row.run_after is not None:
-                # In its retry backoff: queued again when that has passed.
-                self._track(task_id, row.name, queue=True, run_after=row.run_after)
+    # -- claims and outcomes, written together --
+
+    async def store_outcome(self, run: Run, outcome: Outcome) -> TaskStatus | None:
+        """Store the outcome of ``run``; return the status written, or None.
+
+        The outcome waits for the database thread, which writes every claim
+        and outcome waiting by then in one transaction (a group commit), so
+        that one commit serves many runs when tasks are short. The caller
+        hears back only after that commit.
+        """
+        assert self._loop is not None
+        done: asyncio.Future[TaskStatus | None] = self._loop.create_future()
+        with self._lock:
+            self._outcomes.append((run, outcome, done))
+        self._schedule_writes()
+        return await done
+
+    def _schedule_writes(self) -> None:
+        """Run ``_write_waiting`` on the database thread soon, once until it starts."""
+        if self._writes_scheduled:
+            return
+        self._writes_scheduled = True
+        # Not a chore: outcomes are written during a shutdown too.
+        future = asyncio.ensure_future(self._write_soon())
+        self._chores.add(future)
+        future.add_done_callback(self._chores.discard)
+
+    async def _write_soon(self) -> None:
+        self._writes_scheduled = False
+        await asyncio.to_thread(self._write_waiting)
+
+    def _write_waiting(self) -> None:
+        """Write the waiting claims and outcomes in one transaction, then start the runs.
+
+        When that transaction fails, each claim and each outcome is written
+        on its own, with the error handling of a single write, so that one bad
+        outcome cannot hold up the others.
+        """
+        with self._lock:
+            claims, self._claims = self._claims, []
+            outcomes, self._outcomes = self._outcomes, []
+        if not claims and not outcomes:
+            return
+        try:
+            claimed, missed, statuses = self._write_together(claims, outcomes)
+        except SQLAlchemyError as exc:
+            if not is_transient(exc):
+                self._write_apart(claims, outcomes, exc)
+                return
+            # Unavailable for now: the claims wait for the next poll and the
+            # outcomes for the upkeep, rather than each waiting again here.
+            for live in claims:
+                self._log_claim_failed(live, exc)
+                self._claim_missed(live, None)
+            for run, outcome, done in outcomes:
+                run.defer(outcome, exc)
+                self._settle(done, None)
+            return
+        except Exception as exc:
+            self._write_apart(claims, outcomes, exc)
+            return
+        for live, row in missed:
+            self._claim_missed(live, row)
+        for live, task in claimed:
+            self._start_claimed(live, task)
+        for (run, outcome, done), status in zip(outcomes, statuses, strict=True):
+            if status is None:
+                run.lost()
             else:
-                # Ended, paused, or claimed by another runner meanwhile.
-                self._untrack(task_id)
-        return task
+                run.recorded(outcome, status)
+            self._settle(done, status)
+
+    def _write_apart(
+        self,
+        claims: Sequence[LiveTask],
+        outcomes: Sequence[tuple[Run, Outcome, asyncio.Future[TaskStatus | None]]],
+        exc: Exception,
+    ) -> None:
+        """Write each claim and outcome on its own, after writing them together failed."""
+        if len(claims) + len(outcomes) > 1:
+            logger.debug(
+                "Writing %d claims and %d outcomes together failed (%s); "
+                "writing them one by one",
+                len(claims),
+                len(outcomes),
+                exc,
+            )
+        for live in claims:
+            self._claim_alone(live)
+        for run, outcome, done in outcomes:
+            status = None
+            try:
+                status = self._record_alone(run, outcome)
+            finally:
+                self._settle(done, status)
+
+    def _write_together(
+        self,
+        claims: Sequence[LiveTask],
+        outcomes: Sequence[tuple[Run, Outcome, Any]],
+    ) -> tuple[
+        builtins.list[tuple[LiveTask, crud.Task]],
+        builtins.list[tuple[LiveTask, crud.Task | None]],
+        builtins.list[TaskStatus | None],
+    ]:
+        """Claim ``claims`` and write ``outcomes`` in one transaction."""
+        statuses: builtins.list[TaskStatus | None] = []
+        with contextlib.ExitStack() as stack:
+            for run, _, _ in outcomes:
+                # A progress flush of the run must not land after its outcome.
+                stack.enter_context(run.write_lock)
+            with self.database.write() as session:
+                rows = crud.claim_tasks(
+                    session,
+                    [live.task_id for live in claims],
+                    self.runner_id,
+                    reason=f"claimed by {self.runner_id}",
+                    lease=self.lease_duration,
+                )
+                by_id = {row.id: row for row in rows}
+                claimed = [
+                    (live, by_id[live.task_id])
+                    for live in claims
+                    if live.task_id in by_id
+                ]
+                missed = [
+                    (live, crud.find_task(session, live.task_id))
+                    for live in claims
+                    if live.task_id not in by_id
+                ]
+                for run, outcome, _ in outcomes:
+                    try:
+                        statuses.append(run.write_outcome(session, outcome))
+                    except crud.RunLost:
+                        # Raised before the outcome wrote anything.
+                        statuses.append(None)
+        return claimed, missed, statuses
+
+    def _claim_alone(self, live: LiveTask) -> None:
+        """Claim one queued task in its own transaction, and start its run."""
+        try:
+            with self.database.write() as session:
+                task = crud.claim_task(
+                    session,
+                    live.task_id,
+                    self.runner_id,
+                    reason=f"claimed by {self.runner_id}",
+                    lease=self.lease_duration,
+                )
+                row = (
+                    None if task is not None else crud.find_task(session, live.task_id)
+                )
+        except SQLAlchemyError as exc:
+            self._log_claim_failed(live, exc)
+            self._claim_missed(live, None)
+            return
+        if task is None:
+            self._claim_missed(live, row)
+        else:
+            self._start_claimed(live, task)
+
+    def _log_claim_failed(self, live: LiveTask, exc: SQLAlchemyError) -> None:
+        logger.warning(
+            "Task %s (%s): claiming it failed (%s); it stays PENDING and is "
+            "queued again by the next poll",
+            live.task_id,
+            live.name,
+            exc,
+            extra={"event": "task.claim_failed", "task_id": live.task_id},
+        )
+
+    def _record_alone(self, run: Run, outcome: Outcome) -> TaskStatus | None:
+        try:
+            return run.record(outcome)
+        except Exception as exc:
+            # A fault in taskmill itself, not in the task: still end the run.
+            logger.exception(
+                "Task %s (%s): the runner failed",
+                run.task_id,
+                run.live.name,
+                extra={"event": "runner.crashed", "task_id": run.task_id},
+            )
+            return run.record(
+                failed(error_record(exc, "runner"), run.progress, run.message)
+            )
+
+    def _claim_missed(self, live: LiveTask, row: crud.Task | None) -> None:
+        """Release the worker held for a task that could not be claimed."""
+        with self._lock:
+            live.claiming = False
+            self._reserved -= 1
+        if (
+            row is not None
+            and row.status == TaskStatus.PENDING
+            and row.run_after is not None
+        ):
+            # In its retry backoff: queued again when that has passed.
+            self._track(live.task_id, row.name, queue=True, run_after=row.run_after)
+        elif row is not None:
+            # Ended, paused, or claimed by another runner meanwhile.
+            self._untrack(live.task_id)
+        # A failed claim (row None) leaves the task to the next poll.
+        self._call_on_loop(self._dispatch)
+
+    def _start_claimed(self, live: LiveTask, task: crud.Task) -> None:
+        """Start the run of a claimed task in the worker held for it."""
+        run = self._prepare_run(live, task)
+        self._call_on_loop(self._launch, run, task)
+
+    def _settle(
+        self, done: asyncio.Future[TaskStatus | None], status: TaskStatus | None
+    ) -> None:
+        self._call_on_loop(_set_result, done, status)
+
+    def _call_on_loop(self, callback: Callable[..., object], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            # The loop closed: the manager shut down meanwhile.
+            logger.debug("The manager's loop closed before %s ran", callback)
 
     def _after_run(self, run: Run, status: TaskStatus | None) -> None:
         """Update the registry once a run's outcome is stored (or given up)."""
@@ -945,6 +1137,8 @@ class TaskManager:
 
     def _suspend_remaining(self) -> None:
         """Put back to PENDING the runs that did not end within the grace."""
+        # Outcomes that runs stored just now come first: they are not suspended.
+        self._write_waiting()
         self._retry_unrecorded()
         with self._lock:
             # Read again: a claim that was under way when the drain began may
@@ -952,7 +1146,7 @@ class TaskManager:
             lives = [live for live in self._live.values() if live.run is not None]
         for live in lives:
             run = live.run
-            if run is None or run.unrecorded is not None:
+            if run is None or run.unrecorded is not None or run.settled:
                 # An outcome the database still rejects stays unwritten: the
                 # task is RUNNING in the database and is recovered at startup.
                 continue
@@ -1021,6 +1215,13 @@ class TaskManager:
                 exc,
                 extra={"event": "manager.release_failed", "runner_id": self.runner_id},
             )
+
+
+def _set_result(
+    future: asyncio.Future[TaskStatus | None], status: TaskStatus | None
+) -> None:
+    if not future.done():
+        future.set_result(status)
 
 
 #: The maximum interval, lease or grace, in seconds (one year). The range

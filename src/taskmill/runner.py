@@ -110,6 +110,8 @@ class Run:
     unrecorded: Outcome | None = None
     #: When a run that ended in a retry backoff may run again.
     run_after: dt.datetime | None = None
+    #: Set once the outcome is written, or known to be no longer this run's to write.
+    settled: bool = False
 
     @property
     def task_id(self) -> str:
@@ -253,8 +255,9 @@ class Run:
         outcome = await self._call_hooks(row_params, state)
         if outcome is None:
             return None
-        # Off the loop: the write may wait for the database's lock.
-        return await asyncio.to_thread(self.record, outcome)
+        # Written on the manager's database thread, together with the claims
+        # and outcomes of other runs that are waiting by then.
+        return await self.manager.store_outcome(self, outcome)
 
     async def _call_hooks(
         self, row_params: dict[str, Any], state: Any
@@ -427,14 +430,14 @@ class Run:
         reason is replaced by a FAILED one that gives the reason.
         """
         try:
-            status = self._write(outcome)
+            with self.write_lock, self.database.write() as session:
+                status = self.write_outcome(session, outcome)
         except crud.RunLost:
-            self._log_taken_back()
-            self.unrecorded = None
+            self.lost()
             return None
         except SQLAlchemyError as exc:
             if is_transient(exc):
-                self._defer(outcome, exc)
+                self.defer(outcome, exc)
                 return None
             if (
                 outcome.status == TaskStatus.FAILED
@@ -460,7 +463,31 @@ class Run:
                 extra=self._log_extra("task.failed"),
             )
             return self.record(failed(error, self.progress, self.message))
+        return self.recorded(outcome, status)
+
+    def write_outcome(self, session: Session, outcome: Outcome) -> TaskStatus:
+        """Write ``outcome`` in the caller's transaction; return the status written.
+
+        A pause or stop stored meanwhile takes the place of a retry backoff or
+        a suspension. Raises ``crud.RunLost``, before writing anything, when
+        the run no longer owns its task.
+        """
+        if not outcome.status.is_terminal:
+            outcome = outcome.honouring(crud.get_task(session, self.task_id).control)
+        crud.change_status(
+            session,
+            self.task_id,
+            outcome.status,
+            reason=outcome.reason,
+            run=self.token,
+            values=outcome.values,
+        )
+        return outcome.status
+
+    def recorded(self, outcome: Outcome, status: TaskStatus) -> TaskStatus:
+        """Note that ``outcome`` was committed as ``status``, and log it."""
         self.unrecorded = None
+        self.settled = True
         self.run_after = outcome.values.get("run_after")
         logger.info(
             "Task %s (%s) is %s: %s",
@@ -472,23 +499,14 @@ class Run:
         )
         return status
 
-    def _write(self, outcome: Outcome) -> TaskStatus:
-        with self.write_lock, self.database.write() as session:
-            if not outcome.status.is_terminal:
-                outcome = outcome.honouring(
-                    crud.get_task(session, self.task_id).control
-                )
-            crud.change_status(
-                session,
-                self.task_id,
-                outcome.status,
-                reason=outcome.reason,
-                run=self.token,
-                values=outcome.values,
-            )
-        return outcome.status
+    def lost(self) -> None:
+        """Note that the outcome was not written because the run lost its task."""
+        self._log_taken_back()
+        self.unrecorded = None
+        self.settled = True
 
-    def _defer(self, outcome: Outcome, exc: SQLAlchemyError) -> None:
+    def defer(self, outcome: Outcome, exc: SQLAlchemyError) -> None:
+        """Keep ``outcome`` for the manager to write again; the database is unavailable."""
         if self.unrecorded is None:
             logger.warning(
                 "Task %s (%s): storing its outcome %s failed (%s); "
