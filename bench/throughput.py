@@ -10,7 +10,9 @@ every task is FINISHED with its three history rows (created, claimed,
 finished), all committed.
 
 - ``taskmill``: ``TaskManager.create()`` in the process that runs the tasks,
-  with 0, 10 or 1,000 ``set_progress()`` calls in each task's ``run()``.
+  with 0, 10 or 1,000 ``set_progress()`` calls in each task's ``run()``, on
+  SQLite with ``synchronous=NORMAL`` (the default); the no-op tasks also
+  with ``synchronous=FULL``.
 - ``taskmill_http``: ``POST /tasks`` from this process to a uvicorn server
   process (``bench.tasks:create_app``) on 127.0.0.1, over one keep-alive
   connection.
@@ -51,7 +53,7 @@ from huey import SqliteHuey
 
 from bench.common import Benchmark, Figures, Sizes, tail
 from bench.tasks import DATABASE_URL_VARIABLE, WORKERS_VARIABLE, NoOp
-from taskmill import TaskManager
+from taskmill import Database, TaskManager
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Tasks that run at once: taskmill's ``max_workers`` and Huey's worker threads.
@@ -73,13 +75,14 @@ def measure(sizes: Sizes) -> Figures:
     with tempfile.TemporaryDirectory(prefix="taskmill-bench-throughput-") as name:
         directory = Path(name)
         tasks = sizes["tasks"]
-        for reports, key in (
-            (0, "taskmill_noop_tasks_per_s"),
-            (10, "taskmill_progress10_tasks_per_s"),
-            (1000, "taskmill_progress1000_tasks_per_s"),
+        for reports, synchronous, key in (
+            (0, "NORMAL", "taskmill_noop_tasks_per_s"),
+            (0, "FULL", "taskmill_noop_full_tasks_per_s"),
+            (10, "NORMAL", "taskmill_progress10_tasks_per_s"),
+            (1000, "NORMAL", "taskmill_progress1000_tasks_per_s"),
         ):
-            path = directory / f"taskmill-{reports}.db"
-            figures[key] = _taskmill_python(path, tasks, reports)
+            path = directory / f"taskmill-{reports}-{synchronous}.db"
+            figures[key] = _taskmill_python(path, tasks, reports, synchronous)
         figures["taskmill_http_noop_tasks_per_s"] = _taskmill_http(
             directory / "taskmill-http.db", sizes["http_tasks"], directory
         )
@@ -109,8 +112,9 @@ def measure(sizes: Sizes) -> Figures:
 # -- taskmill --
 
 
-def _taskmill_python(path: Path, tasks: int, reports: int) -> float:
-    manager = TaskManager(f"sqlite:///{path}", max_workers=WORKERS)
+def _taskmill_python(path: Path, tasks: int, reports: int, synchronous: str) -> float:
+    database = Database(f"sqlite:///{path}", synchronous=synchronous)
+    manager = TaskManager(database, max_workers=WORKERS)
     manager.register(NoOp)
     manager.startup()
     try:
@@ -121,6 +125,7 @@ def _taskmill_python(path: Path, tasks: int, reports: int) -> float:
         elapsed = time.perf_counter() - started
     finally:
         manager.shutdown()
+        database.dispose()
     _check_all_finished(path, tasks)
     return tasks / elapsed
 

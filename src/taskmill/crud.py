@@ -321,10 +321,37 @@ def change_status(
         # Only a RUNNING task has an owner that holds a lease.
         values.setdefault("lease_expires_at", None)
     task = _update_task(session, task_id, {"status": to, **values})
+    assert task is not None, "the row is locked since it was read"
     _add_event(session, task_id, previous, to, now, reason)
     if to == TaskStatus.PENDING and values.get("run_after") is None:
         notify(session, "pending", task_id)
     return task
+
+
+def end_run(
+    session: Session,
+    task_id: str,
+    run: RunToken,
+    to: TaskStatus,
+    *,
+    reason: str,
+    values: Mapping[str, Any],
+) -> None:
+    """Move a task from RUNNING to ``to`` for its current run, with its history row.
+
+    ``change_status()`` for the outcome of a run, in one UPDATE that checks
+    the ownership itself instead of reading the row first. Raises ``RunLost``,
+    having written nothing, when ``run`` no longer owns the task.
+    """
+    if not is_allowed(TaskStatus.RUNNING, to) or to == TaskStatus.RUNNING:
+        raise InvalidTransition(task_id, TaskStatus.RUNNING, to)
+    now = utcnow()
+    values = {"lease_expires_at": None, **values, "status": to}
+    if _update_task(session, task_id, values, run) is None:
+        raise RunLost(task_id)
+    _add_event(session, task_id, TaskStatus.RUNNING, to, now, reason)
+    if to == TaskStatus.PENDING and values.get("run_after") is None:
+        notify(session, "pending", task_id)
 
 
 def set_control(session: Session, task_id: str, request: ControlRequest | None) -> Task:
@@ -570,39 +597,55 @@ def _owned_by(run: RunToken, task_id: str) -> Any:
     )
 
 
-def _update_task(session: Session, task_id: str, values: Mapping[str, Any]) -> Task:
-    """Set ``values`` on a task and return the row; the caller checked that it exists."""
-    if any(isinstance(value, ClauseElement) for value in values.values()):
-        statement = (
-            update(_tasks)
-            .where(_tasks.c.id == task_id)
-            .values(updated_at=database_now(), **values)
-            .returning(*_tasks.c)
-        )
-        return session.execute(statement).one()
-    parameters = {f"p_{key}": value for key, value in values.items()}
-    parameters["p_id"] = task_id
-    return session.execute(_update_statement(frozenset(values)), parameters).one()
+def _update_task(
+    session: Session,
+    task_id: str,
+    values: Mapping[str, Any],
+    run: RunToken | None = None,
+) -> Row[Any] | None:
+    """Set ``values`` on a task, for ``run`` only while it owns the task.
 
-
-@functools.lru_cache(maxsize=64)
-def _update_statement(columns: frozenset[str]) -> Update:
-    """Return an UPDATE ... RETURNING of a task by id that sets ``columns``.
-
-    Built once for each set of columns, so that SQLAlchemy finds the compiled
-    form in its cache without building the statement and its cache key again.
+    Returns the row, or with ``run`` its id alone; None if no row matched.
+    Values that are SQL expressions, such as ``TaskRow.recoveries + 1``, are
+    added to the prebuilt statement.
     """
-    return (
-        update(_tasks)
-        .where(_tasks.c.id == bindparam("p_id"))
-        .values(
-            {
-                **{name: _bind(name) for name in sorted(columns)},
-                "updated_at": database_now(),
-            }
+    plain = {k: v for k, v in values.items() if not isinstance(v, ClauseElement)}
+    statement = _update_statement(frozenset(plain), owned=run is not None)
+    if len(plain) < len(values):
+        statement = statement.values(
+            {k: v for k, v in values.items() if k not in plain}
         )
-        .returning(*_tasks.c)
+    parameters = {f"p_{key}": value for key, value in plain.items()}
+    parameters["p_id"] = task_id
+    if run is not None:
+        parameters.update(p_run_owner=run.owner, p_run_attempt=run.attempt)
+    return session.execute(statement, parameters).one_or_none()
+
+
+@functools.lru_cache(maxsize=128)
+def _update_statement(columns: frozenset[str], *, owned: bool = False) -> Update:
+    """Return an UPDATE of a task by id that sets ``columns``.
+
+    With ``owned``, only while the run given by ``p_run_owner`` and
+    ``p_run_attempt`` owns the task, returning the id; otherwise returning
+    the row. Built once for each set of columns, so that SQLAlchemy finds the
+    compiled form in its cache without building the statement and its cache
+    key again.
+    """
+    statement = update(_tasks).values(
+        {
+            **{name: _bind(name) for name in sorted(columns)},
+            "updated_at": database_now(),
+        }
     )
+    if not owned:
+        return statement.where(_tasks.c.id == bindparam("p_id")).returning(*_tasks.c)
+    return statement.where(
+        _tasks.c.id == bindparam("p_id"),
+        _tasks.c.status == TaskStatus.RUNNING.value,
+        _tasks.c.owner == bindparam("p_run_owner"),
+        _tasks.c.attempts == bindparam("p_run_attempt"),
+    ).returning(_tasks.c.id)
 
 
 def _bind(column: str) -> BindParameter[Any]:

@@ -474,12 +474,12 @@ class Run:
         """
         if not outcome.status.is_terminal:
             outcome = outcome.honouring(crud.get_task(session, self.task_id).control)
-        crud.change_status(
+        crud.end_run(
             session,
             self.task_id,
+            self.token,
             outcome.status,
             reason=outcome.reason,
-            run=self.token,
             values=outcome.values,
         )
         return outcome.status
