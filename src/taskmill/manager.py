@@ -698,7 +698,7 @@ class TaskManager:
 
     # -- claims and outcomes, written together --
 
-    async def store_outcome(self, run: Run, outcome: Outcome) -> TaskStatus | None:
+    async def _store_outcome(self, run: Run, outcome: Outcome) -> TaskStatus | None:
         """Store the outcome of ``run``; return the status written, or None.
 
         The outcome waits for the database thread, which writes every claim
@@ -757,16 +757,18 @@ class TaskManager:
         except Exception as exc:
             self._write_apart(claims, outcomes, exc)
             return
+        for (run, outcome, done), status in zip(outcomes, statuses, strict=True):
+            try:
+                if status is None:
+                    run.lost()
+                else:
+                    run.recorded(outcome, status)
+            finally:
+                self._settle(done, status)
         for live, row in missed:
             self._claim_missed(live, row)
         for live, task in claimed:
             self._start_claimed(live, task)
-        for (run, outcome, done), status in zip(outcomes, statuses, strict=True):
-            if status is None:
-                run.lost()
-            else:
-                run.recorded(outcome, status)
-            self._settle(done, status)
 
     def _write_apart(
         self,
@@ -776,12 +778,14 @@ class TaskManager:
     ) -> None:
         """Write each claim and outcome on its own, after writing them together failed."""
         if len(claims) + len(outcomes) > 1:
-            logger.debug(
-                "Writing %d claims and %d outcomes together failed (%s); "
-                "writing them one by one",
+            logger.info(
+                "Task manager %s: writing %d claims and %d outcomes together "
+                "failed (%s); writing them one by one",
+                self.runner_id,
                 len(claims),
                 len(outcomes),
                 exc,
+                extra={"event": "manager.batch_failed", "runner_id": self.runner_id},
             )
         for live in claims:
             self._claim_alone(live)

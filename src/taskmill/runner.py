@@ -257,7 +257,7 @@ class Run:
             return None
         # Written on the manager's database thread, together with the claims
         # and outcomes of other runs that are waiting by then.
-        return await self.manager.store_outcome(self, outcome)
+        return await self.manager._store_outcome(self, outcome)
 
     async def _call_hooks(
         self, row_params: dict[str, Any], state: Any
