@@ -598,7 +598,9 @@ def test_sqlite_writers_contend_without_errors(
     database = sqlite_database
     server = make_workers(sqlite_url, 2, TASKMILL_TEST_WORKERS="8")
     started = time.monotonic()
-    responses = post_all(server, [step_body(50, 0.01)] * 20, threads=4)
+    # About 1.5 s per task in two rounds of the 16 workers: the external lock,
+    # 1.5 s in, comes while they run.
+    responses = post_all(server, [step_body(50, 0.03)] * 20, threads=4)
     assert {response.status_code for response in responses} == {201}
     long_ids = [response.json()["id"] for response in responses]
 

@@ -152,6 +152,10 @@ class Database:
         with _transaction(self._reader) as session:
             yield session
 
+    def writing_here(self) -> bool:
+        """True while the calling thread has a write transaction open."""
+        return bool(getattr(self._local, "writing", False))
+
     @contextmanager
     def write(self) -> Iterator[Session]:
         """Open a write transaction; it commits when the block ends.
@@ -159,7 +163,7 @@ class Database:
         Raises RuntimeError inside another write block on the same thread:
         the inner one would wait for the outer one's lock until it timed out.
         """
-        if getattr(self._local, "writing", False):
+        if self.writing_here():
             raise RuntimeError(
                 "A write transaction is already open on this thread, and a second "
                 "one would wait for it forever; write the rows in the first one "

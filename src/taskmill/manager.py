@@ -12,12 +12,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from taskmill import crud, registry, runners
 from taskmill.database import DEFAULT_DATABASE_URL, Database, is_transient
@@ -179,6 +181,10 @@ class TaskManager:
             tuple[Run, Outcome, asyncio.Future[TaskStatus | None]]
         ] = []
         self._writes_scheduled = False
+        #: Tasks that ``create()`` callers wait to see committed.
+        self._creates: builtins.list[_Create] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._database_thread: int | None = None
 
     # -- task types --
 
@@ -244,7 +250,8 @@ class TaskManager:
         # One thread for the manager's own database work (claims, outcomes,
         # upkeep), started now so that the thread count stays level later.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskmill-db")
-        executor.submit(lambda: None).result()
+        self._database_thread = executor.submit(threading.get_ident).result()
+        self._executor = executor
         loop.set_default_executor(executor)
         self._thread = threading.Thread(
             target=loop.run_forever, name="taskmill-manager", daemon=True
@@ -310,6 +317,8 @@ class TaskManager:
             loop.close()
 
         self._loop = self._thread = None
+        self._executor = None
+        self._database_thread = None
         with self._lock:
             self._live.clear()
             self._queue.clear()
@@ -348,10 +357,14 @@ class TaskManager:
         stored = registry.validate_params(task_class, params, self.max_params_bytes)
         status = TaskStatus.PENDING if start else TaskStatus.PAUSED
         reason = "created" if start else "created held until started"
-        with self.database.write() as session:
-            task = crud.create_task(
-                session, name=name, params=stored, status=status, reason=reason
-            )
+        create = _Create(name, stored, status, reason)
+        if self._queue_create(create):
+            # Committed on the database thread, in one transaction with the
+            # other writes that wait by then.
+            task = create.done.result()
+        else:
+            with self.database.write() as session:
+                task = create.write(session)
         logger.info(
             "Task %s (%s) created",
             task.id,
@@ -713,50 +726,83 @@ class TaskManager:
         self._schedule_writes()
         return await done
 
-    def _schedule_writes(self) -> None:
-        """Run ``_write_waiting`` on the database thread soon, once until it starts."""
-        if self._writes_scheduled:
-            return
-        self._writes_scheduled = True
-        # Not a chore: outcomes are written during a shutdown too.
-        future = asyncio.ensure_future(self._write_soon())
-        self._chores.add(future)
-        future.add_done_callback(self._chores.discard)
+    def _queue_create(self, create: _Create) -> bool:
+        """Hand a new task to the database thread; False if the caller must write it.
 
-    async def _write_soon(self) -> None:
-        self._writes_scheduled = False
-        await asyncio.to_thread(self._write_waiting)
+        The database thread cannot wait for itself, a thread inside a write
+        transaction would hold up that thread's write (its own write raises a
+        clear error instead), and a manager that runs no tasks, or has not
+        started, has no database thread.
+        """
+        if (
+            self._executor is None
+            or not self._accepting
+            or threading.get_ident() == self._database_thread
+            or self.database.writing_here()
+        ):
+            return False
+        with self._lock:
+            self._creates.append(create)
+        if self._schedule_writes():
+            return True
+        with self._lock:
+            if create in self._creates:
+                self._creates.remove(create)
+                return False
+        # A write that was under way took it.
+        return True
 
-    def _write_waiting(self) -> None:
-        """Write the waiting claims and outcomes in one transaction, then start the runs.
+    def _schedule_writes(self) -> bool:
+        """Run ``_write_waiting`` on the database thread soon, once until it starts.
 
-        When that transaction fails, each claim and each outcome is written
-        on its own, with the error handling of a single write, so that one bad
-        outcome cannot hold up the others.
+        Callable from any thread. Returns False when the database thread has
+        ended (the manager shut down), so that a caller can write by itself.
         """
         with self._lock:
+            if self._writes_scheduled:
+                return True
+            self._writes_scheduled = True
+        executor = self._executor
+        try:
+            if executor is None:
+                raise RuntimeError("no database thread")
+            executor.submit(self._write_waiting)
+        except RuntimeError:
+            with self._lock:
+                self._writes_scheduled = False
+            return False
+        return True
+
+    def _write_waiting(self) -> None:
+        """Write the waiting new tasks, claims and outcomes in one transaction.
+
+        Then tell the waiting callers and start the claimed runs. When that
+        transaction fails for another reason than an unavailable database,
+        each write is made on its own, with the error handling of a single
+        write, so that one bad outcome cannot hold up the others.
+        """
+        with self._lock:
+            self._writes_scheduled = False
+            creates, self._creates = self._creates, []
             claims, self._claims = self._claims, []
             outcomes, self._outcomes = self._outcomes, []
-        if not claims and not outcomes:
+        if not creates and not claims and not outcomes:
             return
         try:
-            claimed, missed, statuses = self._write_together(claims, outcomes)
+            created, claimed, missed, statuses = self._write_together(
+                creates, claims, outcomes
+            )
         except SQLAlchemyError as exc:
-            if not is_transient(exc):
-                self._write_apart(claims, outcomes, exc)
-                return
-            # Unavailable for now: the claims wait for the next poll and the
-            # outcomes for the upkeep, rather than each waiting again here.
-            for live in claims:
-                self._log_claim_failed(live, exc)
-                self._claim_missed(live, None)
-            for run, outcome, done in outcomes:
-                run.defer(outcome, exc)
-                self._settle(done, None)
+            if is_transient(exc):
+                self._write_later(creates, claims, outcomes, exc)
+            else:
+                self._write_apart(creates, claims, outcomes, exc)
             return
         except Exception as exc:
-            self._write_apart(claims, outcomes, exc)
+            self._write_apart(creates, claims, outcomes, exc)
             return
+        for create, task in zip(creates, created, strict=True):
+            create.done.set_result(task)
         for (run, outcome, done), status in zip(outcomes, statuses, strict=True):
             try:
                 if status is None:
@@ -770,23 +816,54 @@ class TaskManager:
         for live, task in claimed:
             self._start_claimed(live, task)
 
+    def _write_later(
+        self,
+        creates: Sequence[_Create],
+        claims: Sequence[LiveTask],
+        outcomes: Sequence[tuple[Run, Outcome, asyncio.Future[TaskStatus | None]]],
+        exc: SQLAlchemyError,
+    ) -> None:
+        """Give up for now on writes that failed because the database is unavailable.
+
+        ``create()`` raises the error, as a write of its own would; the claims
+        wait for the next poll and the outcomes for the upkeep, rather than
+        each waiting for the database again here.
+        """
+        for create in creates:
+            create.done.set_exception(exc)
+        for live in claims:
+            self._log_claim_failed(live, exc)
+            self._claim_missed(live, None)
+        for run, outcome, done in outcomes:
+            run.defer(outcome, exc)
+            self._settle(done, None)
+
     def _write_apart(
         self,
+        creates: Sequence[_Create],
         claims: Sequence[LiveTask],
         outcomes: Sequence[tuple[Run, Outcome, asyncio.Future[TaskStatus | None]]],
         exc: Exception,
     ) -> None:
-        """Write each claim and outcome on its own, after writing them together failed."""
-        if len(claims) + len(outcomes) > 1:
+        """Write each create, claim and outcome on its own, after writing them
+        together failed."""
+        if len(creates) + len(claims) + len(outcomes) > 1:
             logger.info(
-                "Task manager %s: writing %d claims and %d outcomes together "
-                "failed (%s); writing them one by one",
+                "Task manager %s: writing %d new tasks, %d claims and %d outcomes "
+                "together failed (%s); writing them one by one",
                 self.runner_id,
+                len(creates),
                 len(claims),
                 len(outcomes),
                 exc,
                 extra={"event": "manager.batch_failed", "runner_id": self.runner_id},
             )
+        for create in creates:
+            try:
+                with self.database.write() as session:
+                    create.done.set_result(create.write(session))
+            except BaseException as error:
+                create.done.set_exception(error)
         for live in claims:
             self._claim_alone(live)
         for run, outcome, done in outcomes:
@@ -798,20 +875,23 @@ class TaskManager:
 
     def _write_together(
         self,
+        creates: Sequence[_Create],
         claims: Sequence[LiveTask],
         outcomes: Sequence[tuple[Run, Outcome, Any]],
     ) -> tuple[
+        builtins.list[crud.Task],
         builtins.list[tuple[LiveTask, crud.Task]],
         builtins.list[tuple[LiveTask, crud.Task | None]],
         builtins.list[TaskStatus | None],
     ]:
-        """Claim ``claims`` and write ``outcomes`` in one transaction."""
+        """Store ``creates``, claim ``claims`` and write ``outcomes`` in one transaction."""
         statuses: builtins.list[TaskStatus | None] = []
         with contextlib.ExitStack() as stack:
             for run, _, _ in outcomes:
                 # A progress flush of the run must not land after its outcome.
                 stack.enter_context(run.write_lock)
-            with self.database.write() as session:
+            with self.database.write() as session, crud.history_together(session):
+                created = [create.write(session) for create in creates]
                 rows = crud.claim_tasks(
                     session,
                     [live.task_id for live in claims],
@@ -836,7 +916,7 @@ class TaskManager:
                     except crud.RunLost:
                         # Raised before the outcome wrote anything.
                         statuses.append(None)
-        return claimed, missed, statuses
+        return created, claimed, missed, statuses
 
     def _claim_alone(self, live: LiveTask) -> None:
         """Claim one queued task in its own transaction, and start its run."""
@@ -1219,6 +1299,26 @@ class TaskManager:
                 exc,
                 extra={"event": "manager.release_failed", "runner_id": self.runner_id},
             )
+
+
+@dataclass(eq=False)
+class _Create:
+    """A task that ``create()`` waits to see committed."""
+
+    name: str
+    params: dict[str, Any]
+    status: TaskStatus
+    reason: str
+    done: Future[crud.Task] = field(default_factory=Future)
+
+    def write(self, session: Session) -> crud.Task:
+        return crud.create_task(
+            session,
+            name=self.name,
+            params=self.params,
+            status=self.status,
+            reason=self.reason,
+        )
 
 
 def _set_result(

@@ -1,0 +1,165 @@
+"""Writes that wait for the manager's database thread share one transaction."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg.errors
+import pytest
+from sqlalchemy import event
+
+from taskmill import Database, TaskManager, TaskStatus
+from tests.conftest import eventually, read_event_reasons, read_row
+from tests.tasks import BlockingTask, NoOp
+from tests.test_faults import hold_write_lock
+
+S = TaskStatus
+MakeManager = Callable[..., TaskManager]
+
+
+def count_commits(database: Database) -> list[int]:
+    """Count the commits on the database's connections from now on."""
+    commits: list[int] = []
+
+    @event.listens_for(database.engine, "commit")
+    def counted(connection: Any) -> None:
+        commits.append(1)
+
+    return commits
+
+
+def test_creates_that_wait_together_share_one_commit(
+    make_manager: MakeManager, database_url: str, database: Database
+) -> None:
+    # Long intervals: no poll or lease renewal writes during the test.
+    manager = make_manager(NoOp, poll_interval=60.0, lease_duration=300.0)
+    time.sleep(0.2)
+    commits = count_commits(manager.database)
+    created: list[str] = []
+
+    def create() -> None:
+        created.append(manager.create("noop", start=False).id)
+
+    with hold_write_lock(database_url):
+        first = threading.Thread(target=create)
+        first.start()
+        # The first create is being written, held up by the lock; the next
+        # four queue behind it meanwhile.
+        time.sleep(0.3)
+        others = [threading.Thread(target=create) for _ in range(4)]
+        for thread in others:
+            thread.start()
+        time.sleep(0.3)
+        assert not created, "a create returned before its commit"
+    for thread in [first, *others]:
+        thread.join(timeout=10)
+    assert len(created) == 5
+    assert len(commits) == 2
+    for task_id in created:
+        assert read_row(database, task_id)["status"] == S.PAUSED
+        assert read_event_reasons(database, task_id) == ["created held until started"]
+
+
+def not_storable(database: Database, task_id: str) -> Exception:
+    """The error of a driver that rejects a statement, unlike a full disk, for good."""
+    message = f"rejected the outcome of {task_id}"
+    if database.dialect == "sqlite":
+        return sqlite3.IntegrityError(message)
+    return psycopg.errors.CheckViolation(message)
+
+
+def test_outcome_that_cannot_be_stored_fails_alone(
+    make_manager: MakeManager, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = make_manager(BlockingTask, max_workers=3)
+    tasks = [manager.create("blocking", {"seconds": 0.3}).id for _ in range(3)]
+    eventually(lambda: all(manager.get(t).status == S.RUNNING for t in tasks))
+    bad = tasks[1]
+
+    @event.listens_for(manager.database.engine, "before_cursor_execute")
+    def reject(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        for values in getattr(context, "compiled_parameters", None) or []:
+            if values.get("p_id") == bad and values.get("p_status") == S.FINISHED:
+                raise not_storable(manager.database, bad)
+
+    # While the lock holds back the write of a new task, the three runs end
+    # and their outcomes wait together for the next write.
+    caplog.set_level(logging.INFO, logger="taskmill.manager")
+    with hold_write_lock(database_url):
+        held = threading.Thread(target=lambda: manager.create("blocking", start=False))
+        held.start()
+        time.sleep(0.6)
+    held.join(timeout=10)
+    ended = {t: manager.wait(t, timeout=10) for t in tasks}
+    assert ended[bad].status == S.FAILED
+    error = ended[bad].error
+    assert error is not None
+    assert error.phase == "record"
+    assert f"rejected the outcome of {bad}" in error.message
+    for task_id in tasks:
+        if task_id != bad:
+            assert ended[task_id].status == S.FINISHED
+            assert ended[task_id].result == "done"
+    eventually(lambda: not manager.live_task_ids() & set(tasks))
+    batch_failures = [
+        r for r in caplog.records if getattr(r, "event", "") == "manager.batch_failed"
+    ]
+    assert len(batch_failures) == 1
+    assert "3 outcomes" in batch_failures[0].getMessage()
+
+
+def test_create_inside_a_write_fails_at_once(make_manager: MakeManager) -> None:
+    # As in a checkpoint's effects: the thread's own write is open, and the
+    # database thread would wait for it while the create waited for that thread.
+    manager = make_manager(NoOp)
+    errors: list[BaseException] = []
+
+    def create_inside_a_write() -> None:
+        with manager.database.write():
+            try:
+                manager.create("noop")
+            except RuntimeError as exc:
+                errors.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=create_inside_a_write)
+    thread.start()
+    thread.join(timeout=10)
+    assert time.monotonic() - started < 5
+    assert len(errors) == 1
+    assert "already open on this thread" in str(errors[0])
+    assert manager.list() == []
+
+
+@pytest.mark.parametrize("producers", [1, 4])
+def test_every_task_finishes_with_its_history(
+    make_manager: MakeManager, database: Database, producers: int
+) -> None:
+    manager = make_manager(NoOp, max_workers=4)
+    created: list[str] = []
+    lock = threading.Lock()
+
+    def produce() -> None:
+        for _ in range(40 // producers):
+            task_id = manager.create("noop").id
+            with lock:
+                created.append(task_id)
+
+    threads = [threading.Thread(target=produce) for _ in range(producers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(created) == 40
+    eventually(lambda: not manager.live_task_ids())
+    for task_id in created:
+        assert read_row(database, task_id)["status"] == S.FINISHED
+        reasons = read_event_reasons(database, task_id)
+        assert reasons[0] == "created"
+        assert reasons[1].startswith("claimed by ")
+        assert reasons[2:] == ["finished"]
