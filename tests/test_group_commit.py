@@ -23,17 +23,23 @@ MakeManager = Callable[..., TaskManager]
 
 
 def count_commits(database: Database) -> list[int]:
-    """Count the commits on the database's connections from now on."""
+    """Count the commits of write transactions on the database from now on."""
     commits: list[int] = []
+
+    @event.listens_for(database.engine, "before_cursor_execute")
+    def note_write(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            conn.info["wrote"] = True
 
     @event.listens_for(database.engine, "commit")
     def counted(connection: Any) -> None:
-        commits.append(1)
+        if connection.info.pop("wrote", False):
+            commits.append(1)
 
     return commits
 
 
-def test_creates_that_wait_together_share_one_commit(
+def test_waiting_creates_share_commit(
     make_manager: MakeManager, database_url: str, database: Database
 ) -> None:
     # Long intervals: no poll or lease renewal writes during the test.
@@ -48,8 +54,8 @@ def test_creates_that_wait_together_share_one_commit(
     with hold_write_lock(database_url):
         first = threading.Thread(target=create)
         first.start()
-        # The first create is being written, held up by the lock; the next
-        # four queue behind it meanwhile.
+        # The lock holds up the write of the first create, and the next four
+        # queue behind it meanwhile.
         time.sleep(0.3)
         others = [threading.Thread(target=create) for _ in range(4)]
         for thread in others:
@@ -65,6 +71,40 @@ def test_creates_that_wait_together_share_one_commit(
         assert read_event_reasons(database, task_id) == ["created held until started"]
 
 
+def record_transactions(database: Database) -> list[list[str]]:
+    """Record the statements of each write transaction committed from now on."""
+    transactions: list[list[str]] = []
+
+    @event.listens_for(database.engine, "before_cursor_execute")
+    def note(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        conn.info.setdefault("statements", []).append(statement)
+
+    @event.listens_for(database.engine, "commit")
+    def committed(connection: Any) -> None:
+        statements = connection.info.pop("statements", [])
+        if any(s.lstrip().upper().startswith(("INSERT", "UPDATE")) for s in statements):
+            transactions.append(statements)
+
+    return transactions
+
+
+def test_new_task_claimed_in_its_create_commit(
+    make_manager: MakeManager, database: Database
+) -> None:
+    manager = make_manager(NoOp, poll_interval=60.0, lease_duration=300.0)
+    time.sleep(0.2)
+    transactions = record_transactions(manager.database)
+    task = manager.create("noop")
+    assert task.status == S.PENDING
+    manager.wait(task.id, {S.FINISHED})
+    # A worker was free, so the transaction that stored the task claimed it.
+    [stored] = [t for t in transactions if any("INSERT INTO tasks " in s for s in t)]
+    claims = [s for s in stored if s.startswith("UPDATE tasks") and "attempts" in s]
+    assert len(claims) == 1
+    reasons = read_event_reasons(database, task.id)
+    assert reasons == ["created", f"claimed by {manager.runner_id}", "finished"]
+
+
 def not_storable(database: Database, task_id: str) -> Exception:
     """The error of a driver that rejects a statement, unlike a full disk, for good."""
     message = f"rejected the outcome of {task_id}"
@@ -73,7 +113,7 @@ def not_storable(database: Database, task_id: str) -> Exception:
     return psycopg.errors.CheckViolation(message)
 
 
-def test_outcome_that_cannot_be_stored_fails_alone(
+def test_unstorable_outcome_fails_alone(
     make_manager: MakeManager, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     manager = make_manager(BlockingTask, max_workers=3)
@@ -91,10 +131,12 @@ def test_outcome_that_cannot_be_stored_fails_alone(
     # and their outcomes wait together for the next write.
     caplog.set_level(logging.INFO, logger="taskmill.manager")
     with hold_write_lock(database_url):
-        held = threading.Thread(target=lambda: manager.create("blocking", start=False))
-        held.start()
+        held_create = threading.Thread(
+            target=lambda: manager.create("blocking", start=False)
+        )
+        held_create.start()
         time.sleep(0.6)
-    held.join(timeout=10)
+    held_create.join(timeout=10)
     ended = {t: manager.wait(t, timeout=10) for t in tasks}
     assert ended[bad].status == S.FAILED
     error = ended[bad].error
@@ -113,7 +155,7 @@ def test_outcome_that_cannot_be_stored_fails_alone(
     assert "3 outcomes" in batch_failures[0].getMessage()
 
 
-def test_create_inside_a_write_fails_at_once(make_manager: MakeManager) -> None:
+def test_create_inside_write_fails_fast(make_manager: MakeManager) -> None:
     # As in a checkpoint's effects: the thread's own write is open, and the
     # database thread would wait for it while the create waited for that thread.
     manager = make_manager(NoOp)
@@ -137,7 +179,7 @@ def test_create_inside_a_write_fails_at_once(make_manager: MakeManager) -> None:
 
 
 @pytest.mark.parametrize("producers", [1, 4])
-def test_every_task_finishes_with_its_history(
+def test_tasks_finish_with_history(
     make_manager: MakeManager, database: Database, producers: int
 ) -> None:
     manager = make_manager(NoOp, max_workers=4)

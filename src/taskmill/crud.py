@@ -340,8 +340,8 @@ def end_run(
 ) -> None:
     """Move a task from RUNNING to ``to`` for its current run, with its history row.
 
-    ``change_status()`` for the outcome of a run, in one UPDATE that checks
-    the ownership itself instead of reading the row first. Raises ``RunLost``,
+    It does what ``change_status()`` does for a run, in one UPDATE that
+    checks the ownership itself instead of reading the row first. Raises ``RunLost``,
     having written nothing, when ``run`` no longer owns the task.
     """
     if not is_allowed(TaskStatus.RUNNING, to) or to == TaskStatus.RUNNING:
@@ -393,8 +393,8 @@ def claim_tasks(
 ) -> list[Task]:
     """Claim those of ``task_ids`` that are PENDING and due, in one UPDATE.
 
-    Returns the claimed rows in no particular order; the others are left as
-    they are, like ``claim_task()`` leaves a task that it cannot claim.
+    Returns the claimed rows in no particular order. The others are left as
+    they are, as ``claim_task()`` leaves a task that it cannot claim.
     """
     if not task_ids:
         return []
@@ -619,7 +619,7 @@ def _update_task(
 ) -> Row[Any] | None:
     """Set ``values`` on a task, for ``run`` only while it owns the task.
 
-    Returns the row, or with ``run`` its id alone; None if no row matched.
+    Returns the row, or with ``run`` its id alone, and None if no row matched.
     Values that are SQL expressions, such as ``TaskRow.recoveries + 1``, are
     added to the prebuilt statement.
     """

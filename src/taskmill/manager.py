@@ -372,8 +372,9 @@ class TaskManager:
             extra={"event": "task.created", "task_id": task.id, "task_name": name},
         )
         info = TaskInfo.model_validate(task)
-        # Queued last: the claim that it wakes competes with this thread.
-        self._track(task.id, name, queue=start)
+        if not create.claimed:
+            # Queued last: the claim that it wakes competes with this thread.
+            self._track(task.id, name, queue=start)
         return info
 
     def get(self, task_id: str) -> TaskInfo:
@@ -656,10 +657,12 @@ class TaskManager:
 
     def _launch(self, run: Run, task: crud.Task) -> None:
         """Start a run prepared by a claim of due tasks, in a worker held for it."""
-        with self._lock:
-            self._reserved -= 1
         future = asyncio.ensure_future(self._run(run, task))
-        self._runs.add(future)
+        with self._lock:
+            # In one step, so that a count of free workers on another thread
+            # never misses this one.
+            self._reserved -= 1
+            self._runs.add(future)
         future.add_done_callback(self._run_done)
 
     async def _run(self, run: Run, task: crud.Task) -> None:
@@ -709,15 +712,15 @@ class TaskManager:
         )
         run.wake()
 
-    # -- claims and outcomes, written together --
+    # -- new tasks, claims and outcomes, written together --
 
     async def _store_outcome(self, run: Run, outcome: Outcome) -> TaskStatus | None:
         """Store the outcome of ``run``; return the status written, or None.
 
-        The outcome waits for the database thread, which writes every claim
-        and outcome waiting by then in one transaction (a group commit), so
-        that one commit serves many runs when tasks are short. The caller
-        hears back only after that commit.
+        The outcome waits for the database thread, which writes every new
+        task, claim and outcome waiting by then in one transaction (a group
+        commit), so that one commit serves many runs when tasks are short.
+        The caller hears back only after that commit.
         """
         assert self._loop is not None
         done: asyncio.Future[TaskStatus | None] = self._loop.create_future()
@@ -729,10 +732,10 @@ class TaskManager:
     def _queue_create(self, create: _Create) -> bool:
         """Hand a new task to the database thread; False if the caller must write it.
 
-        The database thread cannot wait for itself, a thread inside a write
-        transaction would hold up that thread's write (its own write raises a
-        clear error instead), and a manager that runs no tasks, or has not
-        started, has no database thread.
+        The database thread cannot wait for itself. A thread inside a write
+        transaction would hold up the database thread's write, so it writes by
+        itself, which raises a clear error. A manager that runs no tasks, or
+        has not started, has no database thread.
         """
         if (
             self._executor is None
@@ -786,22 +789,28 @@ class TaskManager:
             creates, self._creates = self._creates, []
             claims, self._claims = self._claims, []
             outcomes, self._outcomes = self._outcomes, []
+            claiming = self._hold_workers_for(creates)
         if not creates and not claims and not outcomes:
             return
         try:
             created, claimed, missed, statuses = self._write_together(
                 creates, claims, outcomes
             )
-        except SQLAlchemyError as exc:
-            if is_transient(exc):
+        except Exception as exc:
+            with self._lock:
+                self._reserved -= claiming
+            if isinstance(exc, SQLAlchemyError) and is_transient(exc):
                 self._write_later(creates, claims, outcomes, exc)
             else:
                 self._write_apart(creates, claims, outcomes, exc)
             return
-        except Exception as exc:
-            self._write_apart(creates, claims, outcomes, exc)
-            return
         for create, task in zip(creates, created, strict=True):
+            if create.claim is not None:
+                self._start_created(create, create.claim)
+            elif create.holds_worker:
+                # Not claimable after all: the caller queues it.
+                with self._lock:
+                    self._reserved -= 1
             create.done.set_result(task)
         for (run, outcome, done), status in zip(outcomes, statuses, strict=True):
             try:
@@ -816,6 +825,33 @@ class TaskManager:
         for live, task in claimed:
             self._start_claimed(live, task)
 
+    def _hold_workers_for(self, creates: Sequence[_Create]) -> int:
+        """Hold free workers for new PENDING tasks, to claim them as they are stored.
+
+        Only while no queued task waits, so that new tasks do not overtake
+        older ones. The caller holds ``_lock``. Returns how many it held.
+        """
+        free = self.max_workers - len(self._runs) - self._reserved
+        if not self._accepting or self._queue or free <= 0:
+            return 0
+        held = 0
+        for create in creates:
+            if held == free:
+                break
+            if create.status == TaskStatus.PENDING:
+                create.holds_worker = True
+                held += 1
+        self._reserved += held
+        return held
+
+    def _start_created(self, create: _Create, task: crud.Task) -> None:
+        """Start the run of a new task that was claimed as it was stored."""
+        with self._lock:
+            live = self._live.setdefault(task.id, LiveTask(task.id, task.name))
+            live.claiming = True
+        create.claimed = True
+        self._start_claimed(live, task)
+
     def _write_later(
         self,
         creates: Sequence[_Create],
@@ -825,9 +861,9 @@ class TaskManager:
     ) -> None:
         """Give up for now on writes that failed because the database is unavailable.
 
-        ``create()`` raises the error, as a write of its own would; the claims
-        wait for the next poll and the outcomes for the upkeep, rather than
-        each waiting for the database again here.
+        ``create()`` raises the error, as a write of its own would. The claims
+        wait for the next poll and the outcomes for the upkeep, so that they
+        do not each wait for the database again here.
         """
         for create in creates:
             create.done.set_exception(exc)
@@ -892,14 +928,22 @@ class TaskManager:
                 stack.enter_context(run.write_lock)
             with self.database.write() as session, crud.history_together(session):
                 created = [create.write(session) for create in creates]
+                new_ids = [
+                    task.id
+                    for create, task in zip(creates, created, strict=True)
+                    if create.holds_worker
+                ]
                 rows = crud.claim_tasks(
                     session,
-                    [live.task_id for live in claims],
+                    [*new_ids, *(live.task_id for live in claims)],
                     self.runner_id,
                     reason=f"claimed by {self.runner_id}",
                     lease=self.lease_duration,
                 )
                 by_id = {row.id: row for row in rows}
+                for create, task in zip(creates, created, strict=True):
+                    if create.holds_worker:
+                        create.claim = by_id.get(task.id)
                 claimed = [
                     (live, by_id[live.task_id])
                     for live in claims
@@ -1139,14 +1183,15 @@ class TaskManager:
         loop = self._loop
         if loop is None or not self._accepting:
             return
-        if event == "pending":
+        with self._lock:
+            live = self._live.get(task_id)
+            running = live is not None and live.run is not None
+            # Queued, being claimed or running here: no claim of due tasks needed.
+            taken = running or (live is not None and (live.queued or live.claiming))
+        if event == "pending" and not taken:
             loop.call_soon_threadsafe(self._schedule_claim_due)
-        elif event == "control":
-            with self._lock:
-                live = self._live.get(task_id)
-                running = live is not None and live.run is not None
-            if running:
-                loop.call_soon_threadsafe(self._schedule_request_check)
+        elif event == "control" and running:
+            loop.call_soon_threadsafe(self._schedule_request_check)
 
     def _schedule_claim_due(self) -> None:
         self._schedule_chore("claim", self._adopt_pending, "claiming due tasks")
@@ -1310,6 +1355,12 @@ class _Create:
     status: TaskStatus
     reason: str
     done: Future[crud.Task] = field(default_factory=Future)
+    #: Set when a free worker is held for the task, to claim it as it is stored.
+    holds_worker: bool = False
+    #: The claimed row, once the transaction that stores the task claimed it.
+    claim: crud.Task | None = None
+    #: Set once the claimed task's run is started, so ``create()`` does not queue it.
+    claimed: bool = False
 
     def write(self, session: Session) -> crud.Task:
         return crud.create_task(

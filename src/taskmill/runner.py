@@ -485,7 +485,7 @@ class Run:
         return outcome.status
 
     def recorded(self, outcome: Outcome, status: TaskStatus) -> TaskStatus:
-        """Note that ``outcome`` was committed as ``status``, and log it."""
+        """Log ``outcome``, committed as ``status``, and mark the run settled."""
         self.unrecorded = None
         self.settled = True
         self.run_after = outcome.values.get("run_after")
@@ -500,13 +500,13 @@ class Run:
         return status
 
     def lost(self) -> None:
-        """Note that the outcome was not written because the run lost its task."""
+        """Log that the run lost its task, and mark it settled without an outcome."""
         self._log_taken_back()
         self.unrecorded = None
         self.settled = True
 
     def defer(self, outcome: Outcome, exc: SQLAlchemyError) -> None:
-        """Keep ``outcome`` for the manager to write again; the database is unavailable."""
+        """Keep ``outcome`` for the manager to write again once the database is back."""
         if self.unrecorded is None:
             logger.warning(
                 "Task %s (%s): storing its outcome %s failed (%s); "
