@@ -7,15 +7,16 @@ just after ``create()`` returns, and ``Stamp.run()`` reads it again on entry.
 Both readings come from one process, so they share one monotonic clock.
 
 At this rate the workers are idle most of the time, so the figure is the
-cost of one hand-off: the claim's write transaction, the start of the hook
-thread and the ``pre()`` call, not a wait in the queue.
+cost of one hand-off, not a wait in the queue.
 
-``create()`` wakes the manager's event loop before it returns, so the claim
-can run, and even the hooks can start, while ``create()`` is still
-finishing. The benchmark therefore also reports the latency from the call
-of ``create()``, the time the call takes, and the share of tasks whose
-``run()`` was entered before ``create()`` returned (their latency from the
-return is negative).
+With a worker free, the transaction that stores the task also claims it,
+and the manager starts the run before ``create()`` returns, so the hooks
+often start while ``create()`` is still finishing. The benchmark therefore
+also reports the latency from the call of ``create()`` (the whole
+hand-off: the commit, the start of the hook thread and the ``pre()``
+call), the time the call takes, and the share of tasks whose ``run()`` was
+entered before ``create()`` returned (their latency from the return is
+negative).
 """
 
 from __future__ import annotations
