@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
@@ -11,9 +12,10 @@ from typing import Any
 
 import psycopg.errors
 import pytest
-from sqlalchemy import event
+from pydantic import BaseModel
+from sqlalchemy import event, text
 
-from taskmill import Database, TaskManager, TaskStatus
+from taskmill import BaseTask, Database, TaskManager, TaskStatus
 from tests.conftest import eventually, read_event_reasons, read_row
 from tests.tasks import BlockingTask, NoOp
 from tests.test_faults import hold_write_lock
@@ -205,3 +207,81 @@ def test_tasks_finish_with_history(
         assert reasons[0] == "created"
         assert reasons[1].startswith("claimed by ")
         assert reasons[2:] == ["finished"]
+
+
+class ThreadSleepParams(BaseModel):
+    seconds: float
+
+
+class AsyncThreadSleep(BaseTask[ThreadSleepParams]):
+    """An async task that waits for a blocking call on a thread."""
+
+    name = "async_thread_sleep"
+    params_model = ThreadSleepParams
+
+    async def pre(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        await asyncio.to_thread(time.sleep, self.params.seconds)
+
+    async def post(self) -> None:
+        pass
+
+
+def test_to_thread_in_hook_leaves_creates_alone(make_manager: MakeManager) -> None:
+    manager = make_manager(AsyncThreadSleep, NoOp)
+    sleeper = manager.create("async_thread_sleep", {"seconds": 5.0})
+    manager.wait(sleeper.id, {S.RUNNING})
+    time.sleep(0.2)
+    started = time.monotonic()
+    task = manager.create("noop")
+    # Far less than the 5 s that the hook's thread sleeps.
+    assert time.monotonic() - started < 2.5
+    assert manager.wait(task.id, timeout=2.5).status == S.FINISHED
+    assert manager.get(sleeper.id).status == S.RUNNING
+
+
+@pytest.mark.postgresql
+def test_row_lock_fails_only_its_write(
+    make_postgres_manager: MakeManager, postgres_url: str
+) -> None:
+    manager = make_postgres_manager(
+        BlockingTask, NoOp, url=Database(postgres_url, busy_timeout=1.0)
+    )
+    task = manager.create("blocking", {"seconds": 0.5})
+    manager.wait(task.id, {S.RUNNING})
+    gate = threading.Event()
+    created: list[str] = []
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            created.append(manager.create("noop", start=False).id)
+        except Exception as exc:
+            errors.append(exc)
+
+    locker = Database(postgres_url)
+    try:
+        with locker.write() as session:
+            session.execute(
+                text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": task.id}
+            )
+            # Hold the database thread while the run ends and three creates
+            # arrive, so that its next transaction writes all four.
+            assert manager._executor is not None
+            manager._executor.submit(gate.wait, 10)
+            time.sleep(0.8)
+            threads = [threading.Thread(target=create) for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.2)
+            gate.set()
+            for thread in threads:
+                thread.join(timeout=10)
+    finally:
+        locker.dispose()
+    # The outcome waited for the row lock and failed; the creates did not.
+    assert errors == []
+    assert len(created) == 3
+    assert manager.wait(task.id, timeout=10).status == S.FINISHED

@@ -194,6 +194,9 @@ class Database:
 #: PostgreSQL's SQLSTATE for a write in a read-only transaction.
 _READ_ONLY_TRANSACTION = "25006"
 
+#: PostgreSQL's SQLSTATE for a statement that waited ``lock_timeout`` for a lock.
+_LOCK_NOT_AVAILABLE = "55P03"
+
 #: Seconds that a new PostgreSQL connection may take, unless the URL sets
 #: ``connect_timeout``.
 _CONNECT_TIMEOUT = 10
@@ -271,6 +274,15 @@ def is_transient(exc: SQLAlchemyError) -> bool:
         return False
     name = getattr(exc.orig, "sqlite_errorname", None)
     return name is None or name.startswith(_TRANSIENT_SQLITE_ERRORS)
+
+
+def is_lock_timeout(exc: SQLAlchemyError) -> bool:
+    """True for a PostgreSQL lock timeout: the rows of one statement were locked.
+
+    Unlike SQLite's "database is locked", it says nothing about other writes,
+    which may well succeed.
+    """
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == _LOCK_NOT_AVAILABLE
 
 
 def _configure_postgresql(engine: Engine, busy_timeout: float) -> None:

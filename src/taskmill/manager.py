@@ -22,7 +22,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from taskmill import crud, registry, runners
-from taskmill.database import DEFAULT_DATABASE_URL, Database, is_transient
+from taskmill.database import (
+    DEFAULT_DATABASE_URL,
+    Database,
+    is_lock_timeout,
+    is_transient,
+)
 from taskmill.exceptions import (
     InvalidTransition,
     TaskNotFound,
@@ -47,6 +52,7 @@ from taskmill.watchdog import LoopWatchdog
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=type[BaseTask[Any]])
+R = TypeVar("R")
 
 
 class TaskManager:
@@ -247,12 +253,13 @@ class TaskManager:
             return
         self._restore()
         loop = asyncio.new_event_loop()
-        # One thread for the manager's own database work (claims, outcomes,
-        # upkeep), started now so that the thread count stays level later.
+        # One thread for the manager's own database work (new tasks, claims,
+        # outcomes, upkeep), started now so that the thread count stays level
+        # later. It is not the loop's default executor: task code that calls
+        # asyncio.to_thread() must not hold up the writes of every task.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskmill-db")
         self._database_thread = executor.submit(threading.get_ident).result()
         self._executor = executor
-        loop.set_default_executor(executor)
         self._thread = threading.Thread(
             target=loop.run_forever, name="taskmill-manager", daemon=True
         )
@@ -313,8 +320,11 @@ class TaskManager:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if not loop.is_running():
-            # Also shuts down the database thread, without waiting for it.
             loop.close()
+        if self._executor is not None:
+            # Without waiting: a write that waits for a lock must not hold up
+            # the shutdown. Writes already queued still run.
+            self._executor.shutdown(wait=False)
 
         self._loop = self._thread = None
         self._executor = None
@@ -688,7 +698,7 @@ class TaskManager:
                 extra={"event": "runner.crashed", "task_id": task.id},
             )
             outcome = failed(error_record(exc, "runner"), run.progress, run.message)
-            status = await asyncio.to_thread(run.record, outcome)
+            status = await self._on_database_thread(run.record, outcome)
         finally:
             deadline = self._deadlines.pop(run, None)
             if deadline is not None:
@@ -728,6 +738,11 @@ class TaskManager:
             self._outcomes.append((run, outcome, done))
         self._schedule_writes()
         return await done
+
+    async def _on_database_thread(self, function: Callable[..., R], *args: Any) -> R:
+        """Run ``function`` on the manager's database thread and wait for it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, function, *args)
 
     def _queue_create(self, create: _Create) -> bool:
         """Hand a new task to the database thread; False if the caller must write it.
@@ -799,9 +814,15 @@ class TaskManager:
         except Exception as exc:
             with self._lock:
                 self._reserved -= claiming
-            if isinstance(exc, SQLAlchemyError) and is_transient(exc):
+            if (
+                isinstance(exc, SQLAlchemyError)
+                and is_transient(exc)
+                and not is_lock_timeout(exc)
+            ):
                 self._write_later(creates, claims, outcomes, exc)
             else:
+                # Including a row lock that one write waited for: the others
+                # may well succeed on their own.
                 self._write_apart(creates, claims, outcomes, exc)
             return
         for create, task in zip(creates, created, strict=True):
@@ -1098,7 +1119,7 @@ class TaskManager:
                 next_renewal = now + self.lease_duration / 3
             try:
                 # Off the loop: each write may wait for the database's lock.
-                await asyncio.to_thread(self._upkeep_once, adopt, renew)
+                await self._on_database_thread(self._upkeep_once, adopt, renew)
             except Exception:
                 # Log the first failure in a row with its traceback, not one per try.
                 if not failures:
@@ -1214,7 +1235,7 @@ class TaskManager:
     ) -> None:
         self._scheduled.discard(key)
         try:
-            await asyncio.to_thread(work)
+            await self._on_database_thread(work)
         except SQLAlchemyError as exc:
             logger.warning(
                 "Task manager %s: %s failed (%s); the next poll tries again",
@@ -1253,7 +1274,7 @@ class TaskManager:
             self._signal(live.task_id, RunnerRequest.SUSPEND)
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=grace)
-        await asyncio.to_thread(self._suspend_remaining)
+        await self._on_database_thread(self._suspend_remaining)
         pending = [
             *self._runs,
             *self._chores,

@@ -21,7 +21,11 @@ from taskmill.status import ControlRequest, TaskStatus
 
 @dataclass(frozen=True)
 class Outcome:
-    """A status change that ends a run, as ``crud.change_status()`` writes it."""
+    """A status change that ends a run.
+
+    ``crud.end_run()`` writes it for the run itself, and ``crud.change_status()``
+    for a run that another runner recovers.
+    """
 
     status: TaskStatus
     reason: str
