@@ -421,15 +421,8 @@ def test_bad_sql_in_effects_fails_task(make_manager: MakeManager, backend: str) 
 
 def open_with_lock_wait(database_url: str, seconds: float) -> Database:
     """Open a database on which a statement waits at most ``seconds`` for a lock."""
-    url = make_url(database_url)
-    if url.get_backend_name() == "sqlite":
-        return Database(database_url, busy_timeout=seconds)
-    # NOTE: Database ignores busy_timeout on PostgreSQL, where a statement
-    # waits for a lock for as long as another transaction holds it, unless
-    # the connection sets lock_timeout, as this URL does.
-    options = f"-c lock_timeout={round(seconds * 1000)}"
-    with_timeout = url.update_query_dict({"options": options})
-    return Database(with_timeout.render_as_string(hide_password=False))
+    # On PostgreSQL, busy_timeout sets each connection's lock_timeout.
+    return Database(database_url, busy_timeout=seconds)
 
 
 @contextmanager

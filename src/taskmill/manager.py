@@ -814,15 +814,14 @@ class TaskManager:
         except Exception as exc:
             with self._lock:
                 self._reserved -= claiming
-            if (
-                isinstance(exc, SQLAlchemyError)
-                and is_transient(exc)
-                and not is_lock_timeout(exc)
-            ):
+            if isinstance(exc, _RowLocked):
+                # A row that one write waited for: the others, and the new
+                # tasks, which no lock on a row can hold up, may well succeed
+                # on their own.
+                self._write_apart(creates, claims, outcomes, exc)
+            elif isinstance(exc, SQLAlchemyError) and is_transient(exc):
                 self._write_later(creates, claims, outcomes, exc)
             else:
-                # Including a row lock that one write waited for: the others
-                # may well succeed on their own.
                 self._write_apart(creates, claims, outcomes, exc)
             return
         for create, task in zip(creates, created, strict=True):
@@ -918,9 +917,12 @@ class TaskManager:
         for create in creates:
             try:
                 with self.database.write() as session:
-                    create.done.set_result(create.write(session))
+                    task = create.write(session)
             except BaseException as error:
                 create.done.set_exception(error)
+            else:
+                # Only once committed.
+                create.done.set_result(task)
         for live in claims:
             self._claim_alone(live)
         for run, outcome, done in outcomes:
@@ -941,47 +943,72 @@ class TaskManager:
         builtins.list[tuple[LiveTask, crud.Task | None]],
         builtins.list[TaskStatus | None],
     ]:
-        """Store ``creates``, claim ``claims`` and write ``outcomes`` in one transaction."""
-        statuses: builtins.list[TaskStatus | None] = []
+        """Store ``creates``, claim ``claims`` and write ``outcomes`` in one transaction.
+
+        Raises ``_RowLocked`` when a claim or an outcome waited too long for
+        a row that another transaction holds (PostgreSQL).
+        """
         with contextlib.ExitStack() as stack:
             for run, _, _ in outcomes:
                 # A progress flush of the run must not land after its outcome.
                 stack.enter_context(run.write_lock)
             with self.database.write() as session, crud.history_together(session):
                 created = [create.write(session) for create in creates]
-                new_ids = [
-                    task.id
-                    for create, task in zip(creates, created, strict=True)
-                    if create.holds_worker
-                ]
-                rows = crud.claim_tasks(
-                    session,
-                    [*new_ids, *(live.task_id for live in claims)],
-                    self.runner_id,
-                    reason=f"claimed by {self.runner_id}",
-                    lease=self.lease_duration,
-                )
-                by_id = {row.id: row for row in rows}
-                for create, task in zip(creates, created, strict=True):
-                    if create.holds_worker:
-                        create.claim = by_id.get(task.id)
-                claimed = [
-                    (live, by_id[live.task_id])
-                    for live in claims
-                    if live.task_id in by_id
-                ]
-                missed = [
-                    (live, crud.find_task(session, live.task_id))
-                    for live in claims
-                    if live.task_id not in by_id
-                ]
-                for run, outcome, _ in outcomes:
-                    try:
-                        statuses.append(run.write_outcome(session, outcome))
-                    except crud.RunLost:
-                        # Raised before the outcome wrote anything.
-                        statuses.append(None)
+                try:
+                    claimed, missed, statuses = self._claim_and_end(
+                        session, creates, created, claims, outcomes
+                    )
+                except SQLAlchemyError as exc:
+                    if is_lock_timeout(exc):
+                        raise _RowLocked from exc
+                    raise
         return created, claimed, missed, statuses
+
+    def _claim_and_end(
+        self,
+        session: Session,
+        creates: Sequence[_Create],
+        created: Sequence[crud.Task],
+        claims: Sequence[LiveTask],
+        outcomes: Sequence[tuple[Run, Outcome, Any]],
+    ) -> tuple[
+        builtins.list[tuple[LiveTask, crud.Task]],
+        builtins.list[tuple[LiveTask, crud.Task | None]],
+        builtins.list[TaskStatus | None],
+    ]:
+        """Claim new and queued tasks, and write outcomes, in the caller's transaction."""
+        new_ids = [
+            task.id
+            for create, task in zip(creates, created, strict=True)
+            if create.holds_worker
+        ]
+        rows = crud.claim_tasks(
+            session,
+            [*new_ids, *(live.task_id for live in claims)],
+            self.runner_id,
+            reason=f"claimed by {self.runner_id}",
+            lease=self.lease_duration,
+        )
+        by_id = {row.id: row for row in rows}
+        for create, task in zip(creates, created, strict=True):
+            if create.holds_worker:
+                create.claim = by_id.get(task.id)
+        claimed = [
+            (live, by_id[live.task_id]) for live in claims if live.task_id in by_id
+        ]
+        missed = [
+            (live, crud.find_task(session, live.task_id))
+            for live in claims
+            if live.task_id not in by_id
+        ]
+        statuses: builtins.list[TaskStatus | None] = []
+        for run, outcome, _ in outcomes:
+            try:
+                statuses.append(run.write_outcome(session, outcome))
+            except crud.RunLost:
+                # Raised before the outcome wrote anything.
+                statuses.append(None)
+        return claimed, missed, statuses
 
     def _claim_alone(self, live: LiveTask) -> None:
         """Claim one queued task in its own transaction, and start its run."""
@@ -1365,6 +1392,10 @@ class TaskManager:
                 exc,
                 extra={"event": "manager.release_failed", "runner_id": self.runner_id},
             )
+
+
+class _RowLocked(Exception):
+    """A grouped write waited too long for a row lock; the cause is the database's error."""
 
 
 @dataclass(eq=False)
