@@ -214,16 +214,7 @@ def claim_due(
         .values(_claim_values(owner, now, lease))
         .returning(*_tasks.c)
     )
-    tasks = list(session.execute(statement))
-    _add_events(
-        session,
-        [task.id for task in tasks],
-        TaskStatus.PENDING,
-        TaskStatus.RUNNING,
-        now,
-        reason,
-    )
-    return tasks
+    return _claimed(session, session.execute(statement), now, reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,17 +390,20 @@ def claim_tasks(
     if not task_ids:
         return []
     now = utcnow()
-    tasks = list(
-        session.execute(
-            _CLAIM_TASKS,
-            {
-                "p_ids": list(task_ids),
-                "p_owner": owner,
-                "p_now": now,
-                "p_lease": float(lease),
-            },
-        )
-    )
+    parameters = {
+        "p_ids": list(task_ids),
+        "p_owner": owner,
+        "p_now": now,
+        "p_lease": float(lease),
+    }
+    return _claimed(session, session.execute(_CLAIM_TASKS, parameters), now, reason)
+
+
+def _claimed(
+    session: Session, rows: Iterable[Task], now: dt.datetime, reason: str
+) -> list[Task]:
+    """Write the history rows of the tasks that a claim returned; return them."""
+    tasks = list(rows)
     _add_events(
         session,
         [task.id for task in tasks],

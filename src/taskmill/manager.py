@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T", bound=type[BaseTask[Any]])
 R = TypeVar("R")
 
+#: The outcome of a run that waits for the database thread, with the future
+#: that the run awaits.
+_WaitingOutcome = tuple[Run, Outcome, asyncio.Future[TaskStatus | None]]
+
 
 class TaskManager:
     """Registers task types, stores tasks, and runs them on this process.
@@ -183,9 +187,7 @@ class TaskManager:
         #: Queued tasks with a worker held for them, waiting to be claimed.
         self._claims: builtins.list[LiveTask] = []
         #: Outcomes of runs waiting to be written, with the future of each.
-        self._outcomes: builtins.list[
-            tuple[Run, Outcome, asyncio.Future[TaskStatus | None]]
-        ] = []
+        self._outcomes: builtins.list[_WaitingOutcome] = []
         self._writes_scheduled = False
         #: Tasks that ``create()`` callers wait to see committed.
         self._creates: builtins.list[_Create] = []
@@ -876,7 +878,7 @@ class TaskManager:
         self,
         creates: Sequence[_Create],
         claims: Sequence[LiveTask],
-        outcomes: Sequence[tuple[Run, Outcome, asyncio.Future[TaskStatus | None]]],
+        outcomes: Sequence[_WaitingOutcome],
         exc: SQLAlchemyError,
     ) -> None:
         """Give up for now on writes that failed because the database is unavailable.
@@ -898,7 +900,7 @@ class TaskManager:
         self,
         creates: Sequence[_Create],
         claims: Sequence[LiveTask],
-        outcomes: Sequence[tuple[Run, Outcome, asyncio.Future[TaskStatus | None]]],
+        outcomes: Sequence[_WaitingOutcome],
         exc: Exception,
     ) -> None:
         """Write each create, claim and outcome on its own, after writing them
@@ -936,7 +938,7 @@ class TaskManager:
         self,
         creates: Sequence[_Create],
         claims: Sequence[LiveTask],
-        outcomes: Sequence[tuple[Run, Outcome, Any]],
+        outcomes: Sequence[_WaitingOutcome],
     ) -> tuple[
         builtins.list[crud.Task],
         builtins.list[tuple[LiveTask, crud.Task]],
@@ -970,7 +972,7 @@ class TaskManager:
         creates: Sequence[_Create],
         created: Sequence[crud.Task],
         claims: Sequence[LiveTask],
-        outcomes: Sequence[tuple[Run, Outcome, Any]],
+        outcomes: Sequence[_WaitingOutcome],
     ) -> tuple[
         builtins.list[tuple[LiveTask, crud.Task]],
         builtins.list[tuple[LiveTask, crud.Task | None]],
