@@ -279,8 +279,8 @@ def is_transient(exc: SQLAlchemyError) -> bool:
 def is_lock_timeout(exc: SQLAlchemyError) -> bool:
     """True for a PostgreSQL lock timeout: the rows of one statement were locked.
 
-    Unlike SQLite's "database is locked", it says nothing about other writes,
-    which may well succeed.
+    Unlike SQLite's "database is locked", it does not mean that other writes
+    would wait too: they may well succeed.
     """
     return getattr(getattr(exc, "orig", None), "sqlstate", None) == _LOCK_NOT_AVAILABLE
 

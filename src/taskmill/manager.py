@@ -856,15 +856,15 @@ class TaskManager:
         free = self.max_workers - len(self._runs) - self._reserved
         if not self._accepting or self._queue or free <= 0:
             return 0
-        held = 0
+        reserved = 0
         for create in creates:
-            if held == free:
+            if reserved == free:
                 break
             if create.status == TaskStatus.PENDING:
                 create.holds_worker = True
-                held += 1
-        self._reserved += held
-        return held
+                reserved += 1
+        self._reserved += reserved
+        return reserved
 
     def _start_created(self, create: _Create, task: crud.Task) -> None:
         """Start the run of a new task that was claimed as it was stored."""
@@ -1237,8 +1237,10 @@ class TaskManager:
             live = self._live.get(task_id)
             running = live is not None and live.run is not None
             # Queued, being claimed or running here: no claim of due tasks needed.
-            taken = running or (live is not None and (live.queued or live.claiming))
-        if event == "pending" and not taken:
+            handled_here = running or (
+                live is not None and (live.queued or live.claiming)
+            )
+        if event == "pending" and not handled_here:
             loop.call_soon_threadsafe(self._schedule_claim_due)
         elif event == "control" and running:
             loop.call_soon_threadsafe(self._schedule_request_check)
