@@ -13,9 +13,10 @@ from typing import Any
 import psycopg.errors
 import pytest
 from pydantic import BaseModel
-from sqlalchemy import event, text
+from sqlalchemy import event, select, text
 
 from taskmill import BaseTask, Database, TaskManager, TaskStatus
+from taskmill.models import TaskEventModel
 from tests.conftest import eventually, read_event_reasons, read_row
 from tests.tasks import BlockingTask, NoOp
 from tests.test_faults import hold_write_lock
@@ -105,6 +106,43 @@ def test_new_task_claimed_in_its_create_commit(
     assert len(claims) == 1
     reasons = read_event_reasons(database, task.id)
     assert reasons == ["created", f"claimed by {manager.runner_id}", "finished"]
+
+
+def test_ending_run_hands_its_worker_to_next_task(
+    make_manager: MakeManager, database: Database
+) -> None:
+    manager = make_manager(
+        BlockingTask, NoOp, max_workers=1, poll_interval=60.0, lease_duration=300.0
+    )
+    first = manager.create("blocking", {"seconds": 0.5})
+    manager.wait(first.id, {S.RUNNING})
+    # The only worker is busy, so these wait in the queue.
+    queued = [manager.create("noop").id for _ in range(4)]
+    transactions = record_transactions(manager.database)
+    for task_id in queued:
+        manager.wait(task_id, {S.FINISHED})
+
+    def ends_and_claims(statements: list[str]) -> bool:
+        # An outcome's UPDATE checks the owner; a claim's adds one to attempts.
+        ends = [s for s in statements if "tasks.owner = " in s]
+        claims = [s for s in statements if "tasks.attempts + " in s]
+        return len(ends) == 1 and len(claims) == 1
+
+    # Each outcome but the last claimed the next task in its own transaction.
+    assert sum(ends_and_claims(t) for t in transactions) == 4
+    # The history tells the handover in order: a run ends, then the next starts.
+    ended = [first.id, *queued]
+    with database.read() as session:
+        rows = session.execute(
+            select(TaskEventModel.task_id, TaskEventModel.to_status)
+            .where(TaskEventModel.task_id.in_(ended))
+            .where(TaskEventModel.to_status != S.PENDING)
+            .order_by(TaskEventModel.id)
+        ).all()
+    expected = [
+        (task_id, status) for task_id in ended for status in (S.RUNNING, S.FINISHED)
+    ]
+    assert [tuple(row) for row in rows] == expected
 
 
 def not_storable(database: Database, task_id: str) -> Exception:

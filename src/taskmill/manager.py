@@ -612,25 +612,32 @@ class TaskManager:
 
     def _dispatch(self) -> None:
         """Hold a worker for each queued task, up to the free ones, and claim them."""
-        claiming = False
         with self._lock:
-            while (
-                self._accepting
-                and self._queue
-                and len(self._runs) + self._reserved < self.max_workers
-            ):
-                task_id = self._queue.popleft()
-                live = self._live.get(task_id)
-                if live is None or not live.queued:
-                    # Claimed meanwhile with the due tasks of other processes.
-                    continue
-                live.queued = False
-                live.claiming = True
-                self._reserved += 1
-                self._claims.append(live)
-                claiming = True
-        if claiming:
+            taken = self._take_queued(ending=0)
+            self._claims.extend(taken)
+        if taken:
             self._schedule_writes()
+
+    def _take_queued(self, ending: int) -> builtins.list[LiveTask]:
+        """Hold a worker for each queued task, up to the free ones; return the tasks.
+
+        ``ending`` counts runs whose outcomes are written in the transaction
+        that claims these tasks: their workers are free once it commits. The
+        caller holds ``_lock`` and claims the tasks.
+        """
+        taken: builtins.list[LiveTask] = []
+        free = self.max_workers + ending - len(self._runs) - self._reserved
+        while self._accepting and self._queue and len(taken) < free:
+            task_id = self._queue.popleft()
+            live = self._live.get(task_id)
+            if live is None or not live.queued:
+                # Claimed meanwhile with the due tasks of other processes.
+                continue
+            live.queued = False
+            live.claiming = True
+            taken.append(live)
+        self._reserved += len(taken)
+        return taken
 
     def _run_done(self, run: asyncio.Task[Any]) -> None:
         self._runs.discard(run)
@@ -806,6 +813,9 @@ class TaskManager:
             creates, self._creates = self._creates, []
             claims, self._claims = self._claims, []
             outcomes, self._outcomes = self._outcomes, []
+            # A run whose outcome is written here hands its worker to the next
+            # queued task, claimed in the same transaction.
+            claims.extend(self._take_queued(ending=len(outcomes)))
             claiming = self._hold_workers_for(creates)
         if not creates and not claims and not outcomes:
             return
@@ -978,7 +988,18 @@ class TaskManager:
         builtins.list[tuple[LiveTask, crud.Task | None]],
         builtins.list[TaskStatus | None],
     ]:
-        """Claim new and queued tasks, and write outcomes, in the caller's transaction."""
+        """Write outcomes, then claim new and queued tasks, in the caller's transaction.
+
+        Outcomes first: a task that an outcome puts back to PENDING can be
+        claimed again at once, and its history tells the changes in order.
+        """
+        statuses: builtins.list[TaskStatus | None] = []
+        for run, outcome, _ in outcomes:
+            try:
+                statuses.append(run.write_outcome(session, outcome))
+            except crud.RunLost:
+                # Raised before the outcome wrote anything.
+                statuses.append(None)
         new_ids = [
             task.id
             for create, task in zip(creates, created, strict=True)
@@ -1003,13 +1024,6 @@ class TaskManager:
             for live in claims
             if live.task_id not in by_id
         ]
-        statuses: builtins.list[TaskStatus | None] = []
-        for run, outcome, _ in outcomes:
-            try:
-                statuses.append(run.write_outcome(session, outcome))
-            except crud.RunLost:
-                # Raised before the outcome wrote anything.
-                statuses.append(None)
         return claimed, missed, statuses
 
     def _claim_alone(self, live: LiveTask) -> None:
