@@ -12,7 +12,8 @@ finished), all committed.
 - ``taskmill``: ``TaskManager.create()`` in the process that runs the tasks,
   with 0, 10 or 1,000 ``set_progress()`` calls in each task's ``run()``, on
   SQLite with ``synchronous=NORMAL`` (the default); the no-op tasks also
-  with ``synchronous=FULL``.
+  with ``synchronous=FULL``, and created by ``create_many()`` in batches of
+  100 (``taskmill_noop_batch_tasks_per_s``).
 - ``taskmill_http``: ``POST /tasks`` from this process to a uvicorn server
   process (``bench.tasks:create_app``) on 127.0.0.1, over one keep-alive
   connection.
@@ -64,6 +65,8 @@ VARIANT_TIMEOUT = 300.0
 DONE_POLL = 0.005
 #: Maximum time in seconds that the server process may take to start.
 SERVER_START_TIMEOUT = 30.0
+#: Tasks per ``create_many()`` call of the batched taskmill variant.
+BATCH_TASKS = 100
 #: Rows per commit of the batched raw SQLite variant.
 BATCH_ROWS = 1000
 #: The payload of each raw SQLite row: about the size of a task row's text.
@@ -83,6 +86,9 @@ def measure(sizes: Sizes) -> Figures:
         ):
             path = directory / f"taskmill-{reports}-{synchronous}.db"
             figures[key] = _taskmill_python(path, tasks, reports, synchronous)
+        figures["taskmill_noop_batch_tasks_per_s"] = _taskmill_python(
+            directory / "taskmill-batch.db", tasks, 0, "NORMAL", batch=BATCH_TASKS
+        )
         figures["taskmill_http_noop_tasks_per_s"] = _taskmill_http(
             directory / "taskmill-http.db", sizes["http_tasks"], directory
         )
@@ -112,15 +118,21 @@ def measure(sizes: Sizes) -> Figures:
 # -- taskmill --
 
 
-def _taskmill_python(path: Path, tasks: int, reports: int, synchronous: str) -> float:
+def _taskmill_python(
+    path: Path, tasks: int, reports: int, synchronous: str, batch: int = 1
+) -> float:
     database = Database(f"sqlite:///{path}", synchronous=synchronous)
     manager = TaskManager(database, max_workers=WORKERS)
     manager.register(NoOp)
     manager.startup()
     try:
         started = time.perf_counter()
-        for _ in range(tasks):
-            manager.create(NoOp.name, {"reports": reports})
+        for first in range(0, tasks, batch):
+            if batch == 1:
+                manager.create(NoOp.name, {"reports": reports})
+            else:
+                count = min(batch, tasks - first)
+                manager.create_many(NoOp.name, [{"reports": reports}] * count)
         _wait_until_idle(manager)
         elapsed = time.perf_counter() - started
     finally:

@@ -42,6 +42,7 @@ from taskmill.exceptions import (
 from taskmill.feed import Batch, Subscription, feed_for
 from taskmill.manager import TaskManager
 from taskmill.schemas import (
+    TaskBatchCreate,
     TaskCreate,
     TaskEventInfo,
     TaskInfo,
@@ -76,8 +77,9 @@ def create_router(
     ``dependencies`` (FastAPI ``Depends(...)``) apply to every endpoint, the
     dashboard and the streams included, e.g. to require authentication.
     ``control_dependencies`` apply, after those, only to the endpoints that
-    change state: ``POST /tasks`` and the actions (start, resume, pause, stop,
-    restart), e.g. to let every user read but only some control.
+    change state: ``POST /tasks``, ``POST /tasks/batch`` and the actions
+    (start, resume, pause, stop, restart), e.g. to let every user read but
+    only some control.
     ``dashboard=False`` leaves out the dashboard page and its assets; the
     streams stay, as part of the API.
     """
@@ -98,6 +100,14 @@ def create_router(
     not_found: dict[int | str, dict[str, Any]] = {
         404: {"model": ErrorBody, "description": "No task with that id."}
     }
+    create_errors: dict[int | str, dict[str, Any]] = {
+        400: {
+            "model": ErrorBody,
+            "description": "The body cannot be parsed: not UTF-8, nested too "
+            "deeply, or an integer with too many digits.",
+        },
+        404: {"model": ErrorBody, "description": "Unknown task type."},
+    }
 
     @router.get("/task-types")
     def list_task_types() -> list[TaskTypeInfo]:
@@ -115,18 +125,22 @@ def create_router(
         "/tasks",
         status_code=status.HTTP_201_CREATED,
         dependencies=control,
-        responses={
-            400: {
-                "model": ErrorBody,
-                "description": "The body cannot be parsed: not UTF-8, nested too "
-                "deeply, or an integer with too many digits.",
-            },
-            404: {"model": ErrorBody, "description": "Unknown task type."},
-        },
+        responses=create_errors,
     )
     def create_task(body: TaskCreate) -> TaskInfo:
         """Create a task; it runs as soon as a worker is free unless `start` is false."""
         return manager.create(body.name, body.params, start=body.start)
+
+    @router.post(
+        "/tasks/batch",
+        status_code=status.HTTP_201_CREATED,
+        dependencies=control,
+        responses=create_errors,
+    )
+    def create_tasks(body: TaskBatchCreate) -> list[TaskInfo]:
+        """Create tasks of one type in one transaction: all of them, or none
+        if any params are invalid (the error's `loc` gives their index)."""
+        return manager.create_many(body.name, body.params, start=body.start)
 
     @router.get("/tasks")
     def list_tasks(

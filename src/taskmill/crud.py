@@ -97,26 +97,47 @@ def create_task(
     status: TaskStatus = TaskStatus.PENDING,
     reason: str = "created",
 ) -> Task:
+    [task] = create_tasks(
+        session, name=name, params=[params], status=status, reason=reason
+    )
+    return task
+
+
+def create_tasks(
+    session: Session,
+    *,
+    name: str,
+    params: Sequence[dict[str, Any]],
+    status: TaskStatus = TaskStatus.PENDING,
+    reason: str = "created",
+) -> list[Task]:
+    """Store one task of type ``name`` for each of ``params``; return the rows in order."""
     if status not in INITIAL:
         raise ValueError(
             f"A task cannot be created as {status}; use PENDING or PAUSED."
         )
+    if not params:
+        return []
     now = utcnow()
-    task_id = str(uuid.uuid4())
-    task = session.execute(
-        _INSERT_TASK,
+    rows = [
         {
-            "p_id": task_id,
-            "p_name": name,
-            "p_status": status,
-            "p_params": params,
-            "p_now": now,
-        },
-    ).one()
-    _add_event(session, task_id, None, status, now, reason)
+            "id": str(uuid.uuid4()),
+            "name": name,
+            "status": status,
+            "params": task_params,
+            "created_at": now,
+        }
+        for task_params in params
+    ]
+    # One multi-row INSERT; the rows come back in the order of ``params``.
+    tasks = list(session.execute(_INSERT_TASKS, rows))
+    task_ids = [task.id for task in tasks]
+    _add_events(session, task_ids, None, status, now, reason)
     if status == TaskStatus.PENDING:
-        notify(session, "pending", task_id)
-    return task
+        # One notification is enough for the batch, because a runner that
+        # receives it claims as many due tasks as it has free workers.
+        notify(session, "pending", task_ids[0])
+    return tasks
 
 
 def get_task(session: Session, task_id: str, *, for_update: bool = False) -> Task:
@@ -662,21 +683,19 @@ def _bind(column: str) -> BindParameter[Any]:
 
 # Statements of the hot paths, built once with named parameters (``p_...``).
 
-_INSERT_TASK = (
+#: Parameters: one dict per task with ``id``, ``name``, ``status``, ``params``
+#: and ``created_at``. Client-side ids let SQLAlchemy return the rows in the
+#: order of the parameters.
+_INSERT_TASKS = (
     insert(_tasks)
     .values(
-        id=_bind("id"),
-        name=_bind("name"),
-        status=_bind("status"),
-        params=_bind("params"),
         progress=0.0,
         attempts=0,
         recoveries=0,
         failures=0,
-        created_at=bindparam("p_now", type_=_tasks.c.created_at.type),
         updated_at=database_now(),
     )
-    .returning(*_tasks.c)
+    .returning(*_tasks.c, sort_by_parameter_order=True)
 )
 
 _INSERT_EVENT = insert(_events)

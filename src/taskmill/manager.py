@@ -29,6 +29,7 @@ from taskmill.database import (
     is_transient,
 )
 from taskmill.exceptions import (
+    InvalidParams,
     InvalidTransition,
     TaskNotFound,
     TaskTypeAlreadyRegistered,
@@ -367,27 +368,67 @@ class TaskManager:
         """Store a new task and queue it; with ``start=False`` it is held as PAUSED."""
         task_class = self._task_class(name)
         stored = registry.validate_params(task_class, params, self.max_params_bytes)
+        [task] = self._store_new(name, [stored], start)
+        return task
+
+    def create_many(
+        self,
+        name: str,
+        params: Iterable[Mapping[str, Any] | BaseModel | None],
+        *,
+        start: bool = True,
+    ) -> builtins.list[TaskInfo]:
+        """Store a task of type ``name`` for each of ``params`` in one transaction.
+
+        All of them are stored, or none: invalid params raise
+        ``InvalidParams`` whose errors name the params by their position
+        (``loc`` starts with the index), before anything is written. The
+        tasks are queued in the order of ``params`` and returned in it.
+        """
+        task_class = self._task_class(name)
+        stored = []
+        for index, task_params in enumerate(params):
+            try:
+                stored.append(
+                    registry.validate_params(
+                        task_class, task_params, self.max_params_bytes
+                    )
+                )
+            except InvalidParams as exc:
+                errors = [{**e, "loc": (index, *e["loc"])} for e in exc.errors]
+                raise InvalidParams(name, errors) from exc
+        return self._store_new(name, stored, start) if stored else []
+
+    def _store_new(
+        self, name: str, stored: builtins.list[dict[str, Any]], start: bool
+    ) -> builtins.list[TaskInfo]:
+        """Store new tasks with validated params in one transaction, then queue them."""
         status = TaskStatus.PENDING if start else TaskStatus.PAUSED
         reason = "created" if start else "created held until started"
         create = _Create(name, stored, status, reason)
         if self._queue_create(create):
             # Committed on the database thread, in one transaction with the
             # other writes that wait by then.
-            task = create.done.result()
+            tasks = create.done.result()
         else:
             with self.database.write() as session:
-                task = create.write(session)
-        logger.info(
-            "Task %s (%s) created",
-            task.id,
+                tasks = create.write(session)
+        infos = []
+        for task in tasks:
+            logger.info(
+                "Task %s (%s) created",
+                task.id,
+                name,
+                extra={"event": "task.created", "task_id": task.id, "task_name": name},
+            )
+            infos.append(TaskInfo.model_validate(task))
+        # Queued last: the claim that it wakes competes with this thread.
+        self._track_new(
+            [task.id for task in tasks if task.id not in create.started],
             name,
-            extra={"event": "task.created", "task_id": task.id, "task_name": name},
+            queue=start,
         )
-        info = TaskInfo.model_validate(task)
-        if not create.claimed:
-            # Queued last: the claim that it wakes competes with this thread.
-            self._track(task.id, name, queue=start)
-        return info
+        return infos
 
     def get(self, task_id: str) -> TaskInfo:
         with self.database.read() as session:
@@ -533,6 +574,20 @@ class TaskManager:
         else:
             loop.call_soon_threadsafe(self._dispatch)
 
+    def _track_new(self, task_ids: Sequence[str], name: str, *, queue: bool) -> None:
+        """Track new tasks, in order; queue them unless they are held as PAUSED."""
+        if not self.max_workers or not task_ids:
+            return
+        with self._lock:
+            for task_id in task_ids:
+                live = self._live.setdefault(task_id, LiveTask(task_id, name))
+                if queue and not live.queued:
+                    live.queued = True
+                    self._queue.append(task_id)
+        loop = self._loop
+        if queue and loop is not None and self._accepting:
+            loop.call_soon_threadsafe(self._dispatch)
+
     def _untrack(self, task_id: str) -> None:
         with self._lock:
             live = self._live.get(task_id)
@@ -622,8 +677,8 @@ class TaskManager:
         """Hold a worker for each queued task, up to the free ones; return the tasks.
 
         ``ending`` counts runs whose outcomes are written in the transaction
-        that claims these tasks: their workers are free once it commits. The
-        caller holds ``_lock`` and claims the tasks.
+        that claims these tasks, so their workers are free once it commits.
+        The caller must hold ``_lock``, and must claim the tasks.
         """
         taken: builtins.list[LiveTask] = []
         free = self.max_workers + ending - len(self._runs) - self._reserved
@@ -836,14 +891,14 @@ class TaskManager:
             else:
                 self._write_apart(creates, claims, outcomes, exc)
             return
-        for create, task in zip(creates, created, strict=True):
-            if create.claim is not None:
-                self._start_created(create, create.claim)
-            elif create.holds_worker:
-                # Not claimable after all: the caller queues it.
+        for create, tasks in zip(creates, created, strict=True):
+            for task in create.claims:
+                self._start_created(create, task)
+            if create.held > len(create.claims):
+                # Not claimable after all: the caller queues them.
                 with self._lock:
-                    self._reserved -= 1
-            create.done.set_result(task)
+                    self._reserved -= create.held - len(create.claims)
+            create.done.set_result(tasks)
         for (run, outcome, done), status in zip(outcomes, statuses, strict=True):
             try:
                 if status is None:
@@ -868,11 +923,10 @@ class TaskManager:
             return 0
         reserved = 0
         for create in creates:
-            if reserved == free:
-                break
             if create.status == TaskStatus.PENDING:
-                create.holds_worker = True
-                reserved += 1
+                # The first tasks of each create, in order.
+                create.held = min(free - reserved, len(create.params))
+                reserved += create.held
         self._reserved += reserved
         return reserved
 
@@ -881,7 +935,7 @@ class TaskManager:
         with self._lock:
             live = self._live.setdefault(task.id, LiveTask(task.id, task.name))
             live.claiming = True
-        create.claimed = True
+        create.started.add(task.id)
         self._start_claimed(live, task)
 
     def _write_later(
@@ -950,7 +1004,7 @@ class TaskManager:
         claims: Sequence[LiveTask],
         outcomes: Sequence[_WaitingOutcome],
     ) -> tuple[
-        builtins.list[crud.Task],
+        builtins.list[builtins.list[crud.Task]],
         builtins.list[tuple[LiveTask, crud.Task]],
         builtins.list[tuple[LiveTask, crud.Task | None]],
         builtins.list[TaskStatus | None],
@@ -980,7 +1034,7 @@ class TaskManager:
         self,
         session: Session,
         creates: Sequence[_Create],
-        created: Sequence[crud.Task],
+        created: Sequence[Sequence[crud.Task]],
         claims: Sequence[LiveTask],
         outcomes: Sequence[_WaitingOutcome],
     ) -> tuple[
@@ -991,7 +1045,7 @@ class TaskManager:
         """Write outcomes, then claim new and queued tasks, in the caller's transaction.
 
         Outcomes first: a task that an outcome puts back to PENDING can be
-        claimed again at once, and its history tells the changes in order.
+        claimed again at once, and its history lists the changes in order.
         """
         statuses: builtins.list[TaskStatus | None] = []
         for run, outcome, _ in outcomes:
@@ -1002,8 +1056,8 @@ class TaskManager:
                 statuses.append(None)
         new_ids = [
             task.id
-            for create, task in zip(creates, created, strict=True)
-            if create.holds_worker
+            for create, tasks in zip(creates, created, strict=True)
+            for task in tasks[: create.held]
         ]
         rows = crud.claim_tasks(
             session,
@@ -1013,9 +1067,10 @@ class TaskManager:
             lease=self.lease_duration,
         )
         by_id = {row.id: row for row in rows}
-        for create, task in zip(creates, created, strict=True):
-            if create.holds_worker:
-                create.claim = by_id.get(task.id)
+        for create, tasks in zip(creates, created, strict=True):
+            create.claims = [
+                by_id[task.id] for task in tasks[: create.held] if task.id in by_id
+            ]
         claimed = [
             (live, by_id[live.task_id]) for live in claims if live.task_id in by_id
         ]
@@ -1418,22 +1473,23 @@ class _RowLocked(Exception):
 
 @dataclass(eq=False)
 class _Create:
-    """A task that ``create()`` waits to see committed."""
+    """New tasks of one type that ``create_many()`` waits to see committed."""
 
     name: str
-    params: dict[str, Any]
+    params: builtins.list[dict[str, Any]]
     status: TaskStatus
     reason: str
-    done: Future[crud.Task] = field(default_factory=Future)
-    #: Set when a free worker is held for the task, to claim it as it is stored.
-    holds_worker: bool = False
-    #: The claimed row, once the transaction that stores the task claimed it.
-    claim: crud.Task | None = None
-    #: Set once the claimed task's run is started, so ``create()`` does not queue it.
-    claimed: bool = False
+    done: Future[builtins.list[crud.Task]] = field(default_factory=Future)
+    #: How many free workers are held for the first of the tasks, to claim
+    #: them as they are stored.
+    held: int = 0
+    #: The rows that the transaction that stored the tasks also claimed.
+    claims: builtins.list[crud.Task] = field(default_factory=builtins.list)
+    #: The tasks whose runs started from those claims; the caller does not queue them.
+    started: set[str] = field(default_factory=set)
 
-    def write(self, session: Session) -> crud.Task:
-        return crud.create_task(
+    def write(self, session: Session) -> builtins.list[crud.Task]:
+        return crud.create_tasks(
             session,
             name=self.name,
             params=self.params,

@@ -14,6 +14,8 @@ from taskmill.status import Action, ControlRequest, TaskStatus, allowed_actions
 #: back JSON nested more than about 200 levels, so deeper params could never be
 #: stored. Its serializer raises ValueError past about 250 levels.
 MAX_PARAMS_DEPTH = 100
+#: The most tasks that one ``POST /tasks/batch`` creates.
+MAX_BATCH = 1000
 
 
 class TaskError(BaseModel):
@@ -111,6 +113,34 @@ class TaskCreate(BaseModel):
                 f"params are nested {depth} levels deep, more than the "
                 f"{MAX_PARAMS_DEPTH} allowed; flatten them"
             )
+        return params
+
+
+class TaskBatchCreate(BaseModel):
+    """The body of ``POST /tasks/batch``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="A registered task type.", min_length=1)
+    params: list[dict[str, Any]] = Field(
+        description="The params of each task, in the order in which they are queued.",
+        min_length=1,
+        max_length=MAX_BATCH,
+    )
+    start: bool = Field(
+        default=True, description="False creates the tasks held (PAUSED) until started."
+    )
+
+    @field_validator("params")
+    @classmethod
+    def _check_params_depth(cls, params: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for index, task_params in enumerate(params):
+            depth = nesting_depth(task_params)
+            if depth > MAX_PARAMS_DEPTH:
+                raise ValueError(
+                    f"params {index} are nested {depth} levels deep, more than "
+                    f"the {MAX_PARAMS_DEPTH} allowed; flatten them"
+                )
         return params
 
 
