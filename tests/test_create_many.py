@@ -14,7 +14,7 @@ from taskmill import Database, InvalidParams, TaskManager, TaskStatus, create_ro
 from taskmill.models import BackgroundTaskModel, TaskEventModel
 from taskmill.schemas import MAX_BATCH
 from tests.conftest import read_event_reasons, read_row
-from tests.tasks import BlockingTask, NoOp, StepTask
+from tests.tasks import BlockingTask, NoOp, StepParams, StepTask
 from tests.test_group_commit import record_transactions
 
 S = TaskStatus
@@ -124,6 +124,16 @@ def test_batch_that_database_rejects_stores_nothing(
     tasks = manager.create_many("step", [{"n": 1, "step_s": 0}, {"n": 2, "step_s": 0}])
     for task in tasks:
         assert manager.wait(task.id, {S.FINISHED}).status == S.FINISHED
+
+
+@pytest.mark.parametrize("params", [{"n": 1}, "n", StepParams(n=1)])
+def test_single_params_rejected(
+    make_manager: MakeManager, database: Database, params: object
+) -> None:
+    manager = make_manager(StepTask)
+    with pytest.raises(TypeError, match="for one task, call create"):
+        manager.create_many("step", params)  # type: ignore[arg-type]
+    assert count_tasks(database) == 0
 
 
 def test_nothing_to_create(make_manager: MakeManager, database: Database) -> None:

@@ -385,6 +385,11 @@ class TaskManager:
         (``loc`` starts with the index), before anything is written. The
         tasks are queued in the order of ``params`` and returned in it.
         """
+        if isinstance(params, Mapping | BaseModel | str | bytes):
+            raise TypeError(
+                f"create_many() takes a list with the params of each task, got "
+                f"{type(params).__name__}; for one task, call create()."
+            )
         task_class = self._task_class(name)
         stored = []
         for index, task_params in enumerate(params):
