@@ -13,7 +13,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from typer.testing import CliRunner
 
 from taskmill import Database, SchemaOutOfDate, TaskManager, TaskStatus
@@ -111,6 +112,25 @@ def test_startup_on_postgresql_asks_for_an_upgrade(
     assert result.exit_code == 2
     assert "taskmill db upgrade" in result.output
     postgres_server.drop_database(name)
+
+
+def test_unstarted_manager_asks_for_an_upgrade(empty_database_url: str) -> None:
+    manager = TaskManager(empty_database_url, max_workers=0)
+    manager.register(StepTask)
+    try:
+        with pytest.raises(SchemaOutOfDate, match="taskmill db upgrade --db"):
+            manager.list()
+        with pytest.raises(SchemaOutOfDate, match="has no taskmill tables"):
+            manager.create("step", {"n": 1})
+        # Other tables that are missing keep the driver's own error.
+        with (
+            pytest.raises((OperationalError, ProgrammingError)) as raised,
+            manager.database.read() as session,
+        ):
+            session.execute(text("SELECT * FROM items"))
+        assert "items" in str(raised.value)
+    finally:
+        manager.database.dispose()
 
 
 def test_startup_migrates_a_new_sqlite_file(sqlite_url: str) -> None:

@@ -80,6 +80,7 @@ class Database:
             _configure_sqlite(self.engine, busy_timeout, synchronous)
         elif self.engine.dialect.name == "postgresql":
             _configure_postgresql(self.engine, busy_timeout)
+        _explain_missing_schema(self.engine, display_url(url))
         self._local = threading.local()
         self.busy_timeout = busy_timeout
         # SQLite has one writer at a time, and a connection that finds the
@@ -194,6 +195,9 @@ class Database:
 #: PostgreSQL's SQLSTATE for a write in a read-only transaction.
 _READ_ONLY_TRANSACTION = "25006"
 
+#: PostgreSQL's SQLSTATE for a statement on a table that does not exist.
+_UNDEFINED_TABLE = "42P01"
+
 #: PostgreSQL's SQLSTATE for a statement that waited ``lock_timeout`` for a lock.
 _LOCK_NOT_AVAILABLE = "55P03"
 
@@ -303,6 +307,24 @@ def _configure_postgresql(engine: Engine, busy_timeout: float) -> None:
         with dbapi_connection.cursor() as cursor:
             cursor.execute(f"SET lock_timeout = {int(busy_timeout * 1000)}")
         dbapi_connection.commit()
+
+
+def _explain_missing_schema(engine: Engine, shown_url: str) -> None:
+    """Raise ``SchemaOutOfDate`` for a statement that finds no ``tasks`` table.
+
+    A manager that was never started, or the CLI, may open a database that
+    nobody has migrated; the driver's "no such table" does not say what to do.
+    """
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        error = context.original_exception
+        sqlstate = getattr(error, "sqlstate", None)
+        if str(error) == "no such table: tasks" or (
+            sqlstate == _UNDEFINED_TABLE
+            and 'relation "tasks" does not exist' in str(error)
+        ):
+            raise SchemaOutOfDate(shown_url, None, HEAD_REVISION) from error
 
 
 def _configure_sqlite(engine: Engine, busy_timeout: float, synchronous: str) -> None:
