@@ -313,7 +313,8 @@ def _explain_missing_schema(engine: Engine, shown_url: str) -> None:
     """Raise ``SchemaOutOfDate`` for a statement that finds no ``tasks`` table.
 
     A manager that was never started, or the CLI, may open a database that
-    nobody has migrated; the driver's "no such table" does not say what to do.
+    was never migrated, and the driver's "no such table" does not say what
+    to do about it.
     """
 
     @event.listens_for(engine, "handle_error")
