@@ -15,7 +15,7 @@ from taskmill.models import BackgroundTaskModel, TaskEventModel
 from taskmill.schemas import MAX_BATCH
 from tests.conftest import read_event_reasons, read_row
 from tests.tasks import BlockingTask, NoOp, StepParams, StepTask
-from tests.test_group_commit import record_transactions
+from tests.test_group_commit import record_transactions, skip_unless_sqlite
 
 S = TaskStatus
 MakeManager = Callable[..., TaskManager]
@@ -50,19 +50,40 @@ def test_tasks_start_in_order_of_params(
     tasks = manager.create_many("noop", [{}] * 6)
     for task in tasks:
         manager.wait(task.id, {S.FINISHED})
+    assert claim_order(database) == [task.id for task in tasks]
+
+
+def claim_order(database: Database) -> list[str]:
+    """Return the ids of the tasks in the order of their first claim."""
     with database.read() as session:
         claimed = session.scalars(
             select(TaskEventModel.task_id)
             .where(TaskEventModel.to_status == S.RUNNING)
             .order_by(TaskEventModel.id)
         ).all()
-    assert claimed == [task.id for task in tasks]
+    return list(dict.fromkeys(claimed))
+
+
+def test_other_runner_claims_batch_in_order(
+    make_manager: MakeManager, database: Database
+) -> None:
+    # Stored by a process that runs no tasks, so the runner claims the
+    # tasks from the database, ordered by their creation.
+    web = make_manager(NoOp, max_workers=0)
+    tasks = web.create_many("noop", [{}] * 30)
+    runner = make_manager(NoOp, max_workers=1, poll_interval=0.05)
+    for task in tasks:
+        runner.wait(task.id, {S.FINISHED})
+    assert claim_order(database) == [task.id for task in tasks]
+    newest_first = [task.id for task in web.list(name="noop", limit=30)]
+    assert newest_first == [task.id for task in reversed(tasks)]
 
 
 def test_free_workers_claim_first_tasks_as_stored(
     make_manager: MakeManager, database: Database
 ) -> None:
     manager = make_manager(BlockingTask, max_workers=3, poll_interval=60.0)
+    skip_unless_sqlite(manager)
     tasks = manager.create_many("blocking", [{"seconds": 0.5}] * 5)
     # The transaction that stored the tasks claimed one for each free worker;
     # the others wait in the queue for a worker.

@@ -25,6 +25,11 @@ S = TaskStatus
 MakeManager = Callable[..., TaskManager]
 
 
+def skip_unless_sqlite(manager: TaskManager) -> None:
+    if manager.database.dialect != "sqlite":
+        pytest.skip("on PostgreSQL, create() writes on its caller's thread")
+
+
 def count_commits(database: Database) -> list[int]:
     """Count the commits of write transactions on the database from now on."""
     commits: list[int] = []
@@ -47,6 +52,7 @@ def test_waiting_creates_share_commit(
 ) -> None:
     # Long intervals: no poll or lease renewal writes during the test.
     manager = make_manager(NoOp, poll_interval=60.0, lease_duration=300.0)
+    skip_unless_sqlite(manager)
     time.sleep(0.2)
     commits = count_commits(manager.database)
     created: list[str] = []
@@ -95,6 +101,7 @@ def test_new_task_claimed_in_its_create_commit(
     make_manager: MakeManager, database: Database
 ) -> None:
     manager = make_manager(NoOp, poll_interval=60.0, lease_duration=300.0)
+    skip_unless_sqlite(manager)
     time.sleep(0.2)
     transactions = record_transactions(manager.database)
     task = manager.create("noop")
@@ -154,7 +161,7 @@ def not_storable(database: Database, task_id: str) -> Exception:
 
 
 def test_unstorable_outcome_fails_alone(
-    make_manager: MakeManager, database_url: str, caplog: pytest.LogCaptureFixture
+    make_manager: MakeManager, caplog: pytest.LogCaptureFixture
 ) -> None:
     manager = make_manager(BlockingTask, max_workers=3)
     tasks = [manager.create("blocking", {"seconds": 0.3}).id for _ in range(3)]
@@ -167,16 +174,14 @@ def test_unstorable_outcome_fails_alone(
             if values.get("p_id") == bad and values.get("p_status") == S.FINISHED:
                 raise not_storable(manager.database, bad)
 
-    # While the lock holds back the write of a new task, the three runs end
-    # and their outcomes wait together for the next write.
+    # While the database thread is held, the three runs end and their
+    # outcomes wait together for its next write.
     caplog.set_level(logging.INFO, logger="taskmill.manager")
-    with hold_write_lock(database_url):
-        held_create = threading.Thread(
-            target=lambda: manager.create("blocking", start=False)
-        )
-        held_create.start()
-        time.sleep(0.6)
-    held_create.join(timeout=10)
+    gate = threading.Event()
+    assert manager._executor is not None
+    manager._executor.submit(gate.wait, 10)
+    time.sleep(0.6)
+    gate.set()
     ended = {t: manager.wait(t, timeout=10) for t in tasks}
     assert ended[bad].status == S.FAILED
     error = ended[bad].error
@@ -281,6 +286,35 @@ def test_to_thread_in_hook_leaves_creates_alone(make_manager: MakeManager) -> No
 
 
 @pytest.mark.postgresql
+def test_row_lock_holds_up_no_create(
+    make_postgres_manager: MakeManager, postgres_url: str
+) -> None:
+    manager = make_postgres_manager(
+        BlockingTask, NoOp, url=Database(postgres_url, busy_timeout=5.0)
+    )
+    task = manager.create("blocking", {"seconds": 0.3})
+    manager.wait(task.id, {S.RUNNING})
+    locker = Database(postgres_url)
+    try:
+        with locker.write() as session:
+            session.execute(
+                text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": task.id}
+            )
+            # The run ends, and its outcome waits for the lock on the
+            # database thread; new tasks are stored all the same.
+            time.sleep(0.5)
+            started = time.monotonic()
+            created = [manager.create("noop", start=False).id for _ in range(3)]
+            batch = manager.create_many("noop", [{}, {}], start=False)
+            assert time.monotonic() - started < 2.5
+            assert manager.get(task.id).status == S.RUNNING
+    finally:
+        locker.dispose()
+    assert len(created) == 3
+    assert len(batch) == 2
+    assert manager.wait(task.id, timeout=10).status == S.FINISHED
+
+
 def test_row_lock_fails_only_its_write(
     make_postgres_manager: MakeManager, postgres_url: str
 ) -> None:

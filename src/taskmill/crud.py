@@ -119,15 +119,17 @@ def create_tasks(
     if not params:
         return []
     now = utcnow()
+    # Claims and lists order tasks by (created_at, id), and ids are random:
+    # one microsecond between the tasks of a batch keeps them in its order.
     rows = [
         {
             "id": str(uuid.uuid4()),
             "name": name,
             "status": status,
             "params": task_params,
-            "created_at": now,
+            "created_at": now + dt.timedelta(microseconds=index),
         }
-        for task_params in params
+        for index, task_params in enumerate(params)
     ]
     # One multi-row INSERT; the rows come back in the order of ``params``.
     tasks = list(session.execute(_INSERT_TASKS, rows))

@@ -820,10 +820,16 @@ class TaskManager:
         transaction would hold up the database thread's write, so it writes by
         itself, which raises a clear error. A manager that runs no tasks, or
         has not started, has no database thread.
+
+        On PostgreSQL every caller writes its own tasks. There, the database
+        thread's claims and outcomes can wait up to ``busy_timeout`` for a
+        row that another transaction has locked, and no such lock can hold
+        up an INSERT of a new task.
         """
         if (
             self._executor is None
             or not self._accepting
+            or self.database.dialect == "postgresql"
             or threading.get_ident() == self._database_thread
             or self.database.writing_here()
         ):
