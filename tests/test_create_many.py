@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from taskmill import Database, InvalidParams, TaskManager, TaskStatus, create_router
 from taskmill.models import BackgroundTaskModel, TaskEventModel
-from taskmill.schemas import MAX_BATCH
+from taskmill.schemas import MAX_BATCH, MAX_PARAMS_DEPTH
 from tests.conftest import read_event_reasons, read_row
 from tests.tasks import BlockingTask, NoOp, StepParams, StepTask
 from tests.test_group_commit import record_transactions, skip_unless_sqlite
@@ -220,7 +220,23 @@ def test_batch_endpoint_bounds_the_batch(client: TestClient, count: int) -> None
     body = {"name": "step", "params": [{"n": 1}] * count}
     response = client.post("/api/tasks/batch", json=body)
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body", "params"]
+    error = response.json()["detail"][0]
+    assert error["loc"] == ["body", "params"]
+    # A long rejected list is not echoed back.
+    assert len(response.content) < 1000
+    assert client.get("/api/tasks").json() == []
+
+
+def test_batch_endpoint_names_deep_params_by_index(client: TestClient) -> None:
+    deep: dict[str, object] = {"n": 1}
+    for _ in range(MAX_PARAMS_DEPTH):
+        deep = {"inner": deep}
+    body = {"name": "step", "params": [{"n": 1}, deep]}
+    response = client.post("/api/tasks/batch", json=body)
+    assert response.status_code == 422
+    error = response.json()["detail"][0]
+    assert error["loc"] == ["body", "params", 1]
+    assert "levels deep" in error["msg"]
     assert client.get("/api/tasks").json() == []
 
 

@@ -63,6 +63,9 @@ STREAM_RETRY_MS = 2000
 STREAM_CHECK_INTERVAL = 1.0
 #: A 422 response leaves out the input of an error if it nests deeper than this.
 MAX_ECHOED_DEPTH = 32
+#: A 422 response leaves out the input of an error whose JSON would have more
+#: characters than this (counted roughly: strings, numbers and separators).
+MAX_ECHOED_CHARS = 4096
 
 
 def create_router(
@@ -366,7 +369,7 @@ class _TaskmillRoute(APIRoute):
             except RequestValidationError as exc:
                 # FastAPI's own handler echoes the input back, and fails on a
                 # NaN or an unpaired surrogate in it.
-                errors = [_without_deep_input(error) for error in exc.errors()]
+                errors = [_without_large_input(error) for error in exc.errors()]
                 detail = _json_safe(jsonable_encoder(errors))
                 return JSONResponse({"detail": detail}, status_code=422)
             except HTTPException as exc:
@@ -409,15 +412,39 @@ def _body_parse_error_message(cause: Exception) -> str:
     return f"The request body is not valid JSON: {clean_text(str(cause))}"
 
 
-def _without_deep_input(error: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop the echoed ``input`` of a validation error if it nests too deeply.
+def _without_large_input(error: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop the echoed ``input`` of a validation error if it is large or nests deeply.
 
+    A batch of too many tasks would otherwise come back whole in the error.
     Encoding the input back recurses once per level, so an input nested a few
     hundred levels deep would exceed Python's recursion limit.
     """
-    if nesting_depth(error.get("input")) <= MAX_ECHOED_DEPTH:
+    value = error.get("input")
+    if _fits(value, MAX_ECHOED_CHARS) and nesting_depth(value) <= MAX_ECHOED_DEPTH:
         return dict(error)
     return {key: value for key, value in error.items() if key != "input"}
+
+
+def _fits(value: Any, max_chars: int) -> bool:
+    """Tell whether ``value`` as JSON has at most about ``max_chars`` characters.
+
+    Counting stops as soon as it passes ``max_chars``, so a huge value costs
+    little more than a small one.
+    """
+    chars = 0
+    stack = [value]
+    while stack and chars <= max_chars:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+            chars += 2 + 2 * len(item)
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+            chars += 2 + len(item)
+        else:
+            chars += len(str(item)) + 2
+    return chars <= max_chars
 
 
 def _json_safe(value: Any) -> Any:

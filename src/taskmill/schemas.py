@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    computed_field,
+)
 
 from taskmill.status import Action, ControlRequest, TaskStatus, allowed_actions
 
@@ -93,27 +99,30 @@ class TaskEventInfo(BaseModel):
     )
 
 
+def _check_params_depth(params: dict[str, Any]) -> dict[str, Any]:
+    depth = nesting_depth(params)
+    if depth > MAX_PARAMS_DEPTH:
+        raise ValueError(
+            f"params are nested {depth} levels deep, more than the "
+            f"{MAX_PARAMS_DEPTH} allowed; flatten them"
+        )
+    return params
+
+
+#: A task's params as a request sends them: a JSON object of limited depth.
+ParamsObject = Annotated[dict[str, Any], AfterValidator(_check_params_depth)]
+
+
 class TaskCreate(BaseModel):
     """The body of ``POST /tasks``."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="A registered task type.", min_length=1)
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: ParamsObject = Field(default_factory=dict)
     start: bool = Field(
         default=True, description="False creates the task held (PAUSED) until started."
     )
-
-    @field_validator("params")
-    @classmethod
-    def _check_params_depth(cls, params: dict[str, Any]) -> dict[str, Any]:
-        depth = nesting_depth(params)
-        if depth > MAX_PARAMS_DEPTH:
-            raise ValueError(
-                f"params are nested {depth} levels deep, more than the "
-                f"{MAX_PARAMS_DEPTH} allowed; flatten them"
-            )
-        return params
 
 
 class TaskBatchCreate(BaseModel):
@@ -122,7 +131,7 @@ class TaskBatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="A registered task type.", min_length=1)
-    params: list[dict[str, Any]] = Field(
+    params: list[ParamsObject] = Field(
         description="The params of each task, in the order in which they are queued.",
         min_length=1,
         max_length=MAX_BATCH,
@@ -130,18 +139,6 @@ class TaskBatchCreate(BaseModel):
     start: bool = Field(
         default=True, description="False creates the tasks held (PAUSED) until started."
     )
-
-    @field_validator("params")
-    @classmethod
-    def _check_params_depth(cls, params: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for index, task_params in enumerate(params):
-            depth = nesting_depth(task_params)
-            if depth > MAX_PARAMS_DEPTH:
-                raise ValueError(
-                    f"params {index} are nested {depth} levels deep, more than "
-                    f"the {MAX_PARAMS_DEPTH} allowed; flatten them"
-                )
-        return params
 
 
 class TaskTypeInfo(BaseModel):
