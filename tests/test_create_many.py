@@ -244,3 +244,18 @@ def test_batch_endpoint_unknown_type_is_404(client: TestClient) -> None:
     response = client.post("/api/tasks/batch", json={"name": "nope", "params": [{}]})
     assert response.status_code == 404
     assert "'nope'" in response.json()["detail"]
+
+
+def test_busy_runner_takes_notified_batch_when_free(
+    make_postgres_manager: MakeManager,
+) -> None:
+    # A poll far in the future: only the notification can bring the tasks in.
+    runner = make_postgres_manager(BlockingTask, NoOp, max_workers=1, poll_interval=60)
+    busy = runner.create("blocking", {"seconds": 0.5})
+    runner.wait(busy.id, {S.RUNNING})
+    web = make_postgres_manager(NoOp, max_workers=0)
+    # Notified while its only worker is busy, the runner claims the batch
+    # as soon as that worker is free.
+    tasks = web.create_many("noop", [{}] * 3)
+    for task in tasks:
+        assert runner.wait(task.id, {S.FINISHED}, timeout=10).status == S.FINISHED

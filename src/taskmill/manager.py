@@ -1321,6 +1321,9 @@ class TaskManager:
                 live is not None and (live.queued or live.claiming)
             )
         if event == "pending" and not handled_here:
+            # If every worker is busy, the claim takes nothing now; as a
+            # backlog, the next run that ends claims the new tasks.
+            self._backlog = True
             loop.call_soon_threadsafe(self._schedule_claim_due)
         elif event == "control" and running:
             loop.call_soon_threadsafe(self._schedule_request_check)
