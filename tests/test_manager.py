@@ -499,6 +499,28 @@ def test_stopped_while_queued_leaves_registry(make_manager: MakeManager) -> None
     assert status_of(manager, queued.id) == S.STOPPED
 
 
+def test_stopped_while_pause_settles_leaves_registry(
+    make_manager: MakeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = make_manager(StepTask)
+    after_run = manager._after_run
+
+    def slow_after_run(run: Any, status: Any) -> None:
+        # Widens the moment between a run's stored outcome and the loop's
+        # handling of its end, in which a stop can land.
+        time.sleep(0.5)
+        after_run(run, status)
+
+    monkeypatch.setattr(manager, "_after_run", slow_after_run)
+    task = manager.create("step", {"n": 50, "step_s": 0.02})
+    manager.wait(task.id, {S.RUNNING})
+    manager.pause(task.id)
+    manager.wait(task.id, {S.PAUSED})
+    manager.stop(task.id)
+    assert status_of(manager, task.id) == S.STOPPED
+    eventually(lambda: task.id not in manager.live_task_ids(), timeout=5)
+
+
 def test_strict_params_round_trip(make_manager: MakeManager) -> None:
     import uuid
 

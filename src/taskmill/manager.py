@@ -596,9 +596,14 @@ class TaskManager:
     def _untrack(self, task_id: str) -> None:
         with self._lock:
             live = self._live.get(task_id)
+            if live is None:
+                return
             # A restart may have queued the task again since it ended.
-            if live is not None and not (live.queued or live.claiming or live.run):
+            if not (live.queued or live.claiming or live.run):
                 del self._live[task_id]
+            elif live.run is not None:
+                # A run whose end the loop has yet to handle: that drops it.
+                live.ended = True
 
     def _signal(
         self, task_id: str, request: Request, attempt: int | None = None
@@ -1195,12 +1200,13 @@ class TaskManager:
             # track. A restart that queued it again meanwhile keeps the entry.
             # A run suspended because the database failed stays tracked, and
             # the next poll queues it again: that interval is its backoff.
-            ended = status is None or status.is_terminal
+            ended = status is None or status.is_terminal or live.ended
             # A newer run of the task may have started here meanwhile: the
             # entry is then its own.
             newer = live.queued or live.claiming or live.run is not None
             if ended and not newer and self._live.get(live.task_id) is live:
                 del self._live[live.task_id]
+            live.ended = False
         if status == TaskStatus.PENDING and run.run_after is not None:
             self._track(live.task_id, live.name, queue=True, run_after=run.run_after)
 

@@ -76,6 +76,9 @@ class LiveTask:
     #: Set between leaving the queue and the end of the claim, so that a poll
     #: does not queue the task again while its claim is under way.
     claiming: bool = False
+    #: Set when the task ended (stopped) while the end of its last run was
+    #: still to be handled, so that handling it drops the entry.
+    ended: bool = False
 
 
 @dataclass(eq=False)
