@@ -7,7 +7,8 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg.errors
@@ -285,6 +286,20 @@ def test_to_thread_in_hook_leaves_creates_alone(make_manager: MakeManager) -> No
     assert manager.get(sleeper.id).status == S.RUNNING
 
 
+@contextmanager
+def row_locked(url: str, task_id: str) -> Iterator[None]:
+    """Hold a lock on the task's row, from another connection, inside the block."""
+    locker = Database(url)
+    try:
+        with locker.write() as session:
+            session.execute(
+                text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": task_id}
+            )
+            yield
+    finally:
+        locker.dispose()
+
+
 @pytest.mark.postgresql
 def test_row_lock_holds_up_no_create(
     make_postgres_manager: MakeManager, postgres_url: str
@@ -294,27 +309,22 @@ def test_row_lock_holds_up_no_create(
     )
     task = manager.create("blocking", {"seconds": 0.3})
     manager.wait(task.id, {S.RUNNING})
-    locker = Database(postgres_url)
-    try:
-        with locker.write() as session:
-            session.execute(
-                text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": task.id}
-            )
-            # The run ends, and its outcome waits for the lock on the
-            # database thread; new tasks are stored all the same.
-            time.sleep(0.5)
-            started = time.monotonic()
-            created = [manager.create("noop", start=False).id for _ in range(3)]
-            batch = manager.create_many("noop", [{}, {}], start=False)
-            assert time.monotonic() - started < 2.5
-            assert manager.get(task.id).status == S.RUNNING
-    finally:
-        locker.dispose()
+    with row_locked(postgres_url, task.id):
+        # The run ends, and its outcome waits for the lock on the database
+        # thread; new tasks are stored all the same.
+        time.sleep(0.5)
+        started = time.monotonic()
+        created = [manager.create("noop", start=False).id for _ in range(3)]
+        batch = manager.create_many("noop", [{}, {}], start=False)
+        # Well under the 5 s that the outcome waits for the lock.
+        assert time.monotonic() - started < 2.5
+        assert manager.get(task.id).status == S.RUNNING
     assert len(created) == 3
     assert len(batch) == 2
     assert manager.wait(task.id, timeout=10).status == S.FINISHED
 
 
+@pytest.mark.postgresql
 def test_row_lock_fails_only_its_write(
     make_postgres_manager: MakeManager, postgres_url: str
 ) -> None:
@@ -333,26 +343,20 @@ def test_row_lock_fails_only_its_write(
         except Exception as exc:
             errors.append(exc)
 
-    locker = Database(postgres_url)
-    try:
-        with locker.write() as session:
-            session.execute(
-                text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": task.id}
-            )
-            # Hold the database thread while the run ends and three creates
-            # arrive, so that its next transaction writes all four.
-            assert manager._executor is not None
-            manager._executor.submit(gate.wait, 10)
-            time.sleep(0.8)
-            threads = [threading.Thread(target=create) for _ in range(3)]
-            for thread in threads:
-                thread.start()
-            time.sleep(0.2)
-            gate.set()
-            for thread in threads:
-                thread.join(timeout=10)
-    finally:
-        locker.dispose()
+    with row_locked(postgres_url, task.id):
+        # Hold the database thread while the run ends, so that its outcome
+        # waits for the lock in a transaction; the creates write on their
+        # own threads meanwhile.
+        assert manager._executor is not None
+        manager._executor.submit(gate.wait, 10)
+        time.sleep(0.8)
+        threads = [threading.Thread(target=create) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.2)
+        gate.set()
+        for thread in threads:
+            thread.join(timeout=10)
     # The outcome waited for the row lock and failed; the creates did not.
     assert errors == []
     assert len(created) == 3
