@@ -999,12 +999,12 @@ class TaskManager:
         for create in creates:
             try:
                 with self.database.write() as session:
-                    task = create.write(session)
+                    tasks = create.write(session)
             except BaseException as error:
                 create.done.set_exception(error)
             else:
                 # Only once committed.
-                create.done.set_result(task)
+                create.done.set_result(tasks)
         for live in claims:
             self._claim_alone(live)
         for run, outcome, done in outcomes:
