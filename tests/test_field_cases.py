@@ -427,9 +427,9 @@ def test_non_json_params_rejected(make_manager: MakeManager, value: str) -> None
 
 def test_task_reads_item_after_request_ends(make_manager: MakeManager) -> None:
     manager = make_manager(ItemNameTask)
-    # create_all() reads before it writes; in a transaction that began as a
-    # read, SQLite fails the write at once when the running manager commits
-    # in between, so the table is made in a write transaction.
+    # create_all() reads before it writes. In a transaction that began as a
+    # read, SQLite fails the write at once if the running manager commits in
+    # between, so the table is made in a write transaction.
     with manager.database.write() as session:
         items_metadata.create_all(session.connection())
 

@@ -138,7 +138,7 @@ def test_ending_run_hands_its_worker_to_next_task(
 
     # Each outcome but the last claimed the next task in its own transaction.
     assert sum(ends_and_claims(t) for t in transactions) == 4
-    # The history tells the handover in order: a run ends, then the next starts.
+    # The history lists the handover in order: a run ends, then the next starts.
     ended = [first.id, *queued]
     with database.read() as session:
         rows = session.execute(
@@ -345,7 +345,7 @@ def test_row_lock_fails_only_its_write(
 
     with row_locked(postgres_url, task.id):
         # Hold the database thread while the run ends, so that its outcome
-        # waits for the lock in a transaction; the creates write on their
+        # waits for the lock in a transaction. The creates write on their
         # own threads meanwhile.
         assert manager._executor is not None
         manager._executor.submit(gate.wait, 10)

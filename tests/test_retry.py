@@ -489,8 +489,8 @@ def test_stop_before_timeout_wins(make_manager: MakeManager) -> None:
     manager = make_manager(TimedBlockingTask)
     task_id = manager.create("blocking_timed", {"seconds": 1.5}).id
     claimed = manager.wait(task_id, statuses=[S.RUNNING])
-    # A task is RUNNING from its claim, a moment before its hooks start; a
-    # stop requested in that moment ends the run before the hooks, and the
+    # A task is RUNNING from its claim, a moment before its hooks start. A
+    # stop requested in that moment ends the run before the hooks, so the
     # time limit never comes into play.
     time.sleep(0.1)
     manager.stop(task_id)

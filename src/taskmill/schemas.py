@@ -20,7 +20,7 @@ from taskmill.status import Action, ControlRequest, TaskStatus, allowed_actions
 #: back JSON nested more than about 200 levels, so deeper params could never be
 #: stored. Its serializer raises ValueError past about 250 levels.
 MAX_PARAMS_DEPTH = 100
-#: The most tasks that one ``POST /tasks/batch`` creates.
+#: The maximum number of tasks that one ``POST /tasks/batch`` creates.
 MAX_BATCH = 1000
 
 
